@@ -1,0 +1,406 @@
+"""A Flax (linen) BART for conditional generation.
+
+The parameter tree is the transformers-4.x Flax layout, so a hub `flax_model.msgpack` loads unchanged:
+
+    {final_logits_bias: (1, V),
+     model: {shared: {embedding: (V, D)},
+             encoder: {embed_positions: {embedding: (P + 2, D)}, layernorm_embedding: {scale, bias},
+                       layers: {'0': {self_attn: {q_proj|k_proj|v_proj|out_proj: {kernel (D, D), bias}},
+                                      self_attn_layer_norm, fc1, fc2, final_layer_norm}, ...}},
+             decoder: {..., layers: {'0': {self_attn, self_attn_layer_norm, encoder_attn,
+                                           encoder_attn_layer_norm, fc1, fc2, final_layer_norm}, ...}}}}
+
+Every projection is a plain `nn.Dense`, which is what lets LoRA attach to any of them by interception.
+Decoding with a key/value cache is functional: the cache is a pytree passed in and returned, so it can be the
+carry of a `lax.while_loop` (see `lora_jax.generation`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from lora_jax.models.config import BartConfig
+
+Array = jax.Array
+# BART's learned positions are offset by 2 (a fairseq legacy): position p reads row p + 2.
+POSITION_OFFSET = 2
+_NEG_INF = -1e9
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation_function {name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
+
+
+def padding_bias(mask: Array, dtype=jnp.float32) -> Array:
+    """(B, Tk) 1/0 mask -> (B, 1, 1, Tk) additive attention bias."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, _NEG_INF).astype(dtype)
+
+
+def causal_bias(q_len: int, k_len: int, q_offset: Array | int = 0, dtype=jnp.float32) -> Array:
+    """(1, 1, Tq, Tk) additive bias letting query i (at absolute position q_offset + i) see keys <= it."""
+    q_pos = jnp.arange(q_len)[:, None] + q_offset
+    k_pos = jnp.arange(k_len)[None, :]
+    return jnp.where(k_pos <= q_pos, 0.0, _NEG_INF).astype(dtype)[None, None]
+
+
+class BartAttention(nn.Module):
+    """Multi-head attention; `kv` given in `cached_kv` skips the key/value projections (cross-attention cache)."""
+
+    config: BartConfig
+    num_heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        dense = lambda name: nn.Dense(
+            self.config.d_model,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.normal(self.config.init_std),
+            name=name,
+        )
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (dense(n) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+        self.attn_dropout = nn.Dropout(rate=self.config.attention_dropout)
+
+    def _split(self, x: Array) -> Array:  # (B, T, D) -> (B, T, H, Dh)
+        return x.reshape(x.shape[:2] + (self.num_heads, -1))
+
+    def project_kv(self, states: Array) -> tuple[Array, Array]:
+        """(B, T, D) -> keys, values, each (B, T, H, Dh)."""
+        return self._split(self.k_proj(states)), self._split(self.v_proj(states))
+
+    def __call__(
+        self,
+        hidden: Array,
+        bias: Array,
+        kv_states: Array | None = None,
+        cached_kv: tuple[Array, Array] | None = None,
+        self_cache: dict | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, dict | None]:
+        """hidden (B, Tq, D); bias broadcastable to (B, H, Tq, Tk) -> ((B, Tq, D), updated self_cache).
+
+        `self_cache` = {'k', 'v': (B, L, H, Dh), 'index': ()} holds past self-attention keys/values; the new ones
+        are written at `index` and attention runs over all L slots (the bias masks the unwritten ones).
+        """
+        head_dim = self.config.d_model // self.num_heads
+        q = self._split(self.q_proj(hidden)) * (head_dim**-0.5)
+        if cached_kv is not None:
+            k, v = cached_kv
+        else:
+            k, v = self.project_kv(hidden if kv_states is None else kv_states)
+        if self_cache is not None:
+            idx = self_cache["index"]
+            k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, idx, 0, 0))
+            v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), (0, idx, 0, 0))
+            self_cache = {"k": k, "v": v, "index": idx + hidden.shape[1]}
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1)
+        weights = self.attn_dropout(weights, deterministic=deterministic).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(hidden.shape[:2] + (-1,))
+        return self.out_proj(out), self_cache
+
+
+def _layer_norm(dtype, param_dtype, name):
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class BartEncoderLayer(nn.Module):
+    config: BartConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c, dt, pdt = self.config, self.dtype, self.param_dtype
+        init = nn.initializers.normal(c.init_std)
+        self.self_attn = BartAttention(c, c.encoder_attention_heads, dt, pdt)
+        self.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
+        self.fc1 = nn.Dense(c.encoder_ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
+        self.fc2 = nn.Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
+        self.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
+        self.dropout = nn.Dropout(c.dropout)
+        self.act_dropout = nn.Dropout(c.activation_dropout)
+
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool = True) -> Array:
+        residual = hidden
+        hidden, _ = self.self_attn(hidden, bias, deterministic=deterministic)
+        hidden = self.self_attn_layer_norm(residual + self.dropout(hidden, deterministic=deterministic))
+        residual = hidden
+        hidden = self.act_dropout(activation(self.config.activation_function)(self.fc1(hidden)), deterministic=deterministic)
+        hidden = self.dropout(self.fc2(hidden), deterministic=deterministic)
+        return self.final_layer_norm(residual + hidden)
+
+
+class BartDecoderLayer(nn.Module):
+    config: BartConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c, dt, pdt = self.config, self.dtype, self.param_dtype
+        init = nn.initializers.normal(c.init_std)
+        self.self_attn = BartAttention(c, c.decoder_attention_heads, dt, pdt)
+        self.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
+        self.encoder_attn = BartAttention(c, c.decoder_attention_heads, dt, pdt)
+        self.encoder_attn_layer_norm = _layer_norm(dt, pdt, "encoder_attn_layer_norm")
+        self.fc1 = nn.Dense(c.decoder_ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
+        self.fc2 = nn.Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
+        self.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
+        self.dropout = nn.Dropout(c.dropout)
+        self.act_dropout = nn.Dropout(c.activation_dropout)
+
+    def cross_kv(self, encoder_hidden: Array) -> tuple[Array, Array]:
+        return self.encoder_attn.project_kv(encoder_hidden)
+
+    def __call__(
+        self,
+        hidden: Array,
+        self_bias: Array,
+        encoder_hidden: Array | None,
+        cross_bias: Array,
+        cache: dict | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, dict | None]:
+        """`cache` = {'self': self-attention cache, 'cross': (k, v)} during incremental decoding, else None."""
+        residual = hidden
+        hidden, self_cache = self.self_attn(
+            hidden, self_bias, self_cache=None if cache is None else cache["self"], deterministic=deterministic
+        )
+        hidden = self.self_attn_layer_norm(residual + self.dropout(hidden, deterministic=deterministic))
+        residual = hidden
+        hidden, _ = self.encoder_attn(
+            hidden,
+            cross_bias,
+            kv_states=encoder_hidden,
+            cached_kv=None if cache is None else cache["cross"],
+            deterministic=deterministic,
+        )
+        hidden = self.encoder_attn_layer_norm(residual + self.dropout(hidden, deterministic=deterministic))
+        residual = hidden
+        hidden = self.act_dropout(activation(self.config.activation_function)(self.fc1(hidden)), deterministic=deterministic)
+        hidden = self.dropout(self.fc2(hidden), deterministic=deterministic)
+        hidden = self.final_layer_norm(residual + hidden)
+        new_cache = None if cache is None else {"self": self_cache, "cross": cache["cross"]}
+        return hidden, new_cache
+
+
+class _LayerStack(nn.Module):
+    """Holds layers named '0', '1', ... so the tree reads `layers/0/...` as in transformers."""
+
+    config: BartConfig
+    layer_cls: Any
+    num_layers: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.layers = [self.layer_cls(self.config, self.dtype, self.param_dtype, name=str(i)) for i in range(self.num_layers)]
+
+
+class BartEncoder(nn.Module):
+    config: BartConfig
+    embed_tokens: nn.Embed
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_positions = nn.Embed(
+            c.max_position_embeddings + POSITION_OFFSET,
+            c.d_model,
+            embedding_init=nn.initializers.normal(c.init_std),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
+        self.layers = _LayerStack(c, BartEncoderLayer, c.encoder_layers, self.dtype, self.param_dtype)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
+        """input_ids, attention_mask (B, S) -> last hidden state (B, S, D)."""
+        c = self.config
+        seq_len = input_ids.shape[1]
+        if seq_len > c.max_position_embeddings:
+            raise ValueError(f"source length {seq_len} exceeds max_position_embeddings={c.max_position_embeddings}")
+        hidden = self.embed_tokens(input_ids) * c.embed_scale
+        hidden = hidden + self.embed_positions(jnp.arange(seq_len) + POSITION_OFFSET)[None]
+        hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
+        bias = padding_bias(attention_mask)
+        for layer in self.layers.layers:
+            hidden = layer(hidden, bias, deterministic=deterministic)
+        return hidden
+
+
+class BartDecoder(nn.Module):
+    config: BartConfig
+    embed_tokens: nn.Embed
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_positions = nn.Embed(
+            c.max_position_embeddings + POSITION_OFFSET,
+            c.d_model,
+            embedding_init=nn.initializers.normal(c.init_std),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
+        self.layers = _LayerStack(c, BartDecoderLayer, c.decoder_layers, self.dtype, self.param_dtype)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def cross_kv(self, encoder_hidden: Array) -> list[tuple[Array, Array]]:
+        return [layer.cross_kv(encoder_hidden) for layer in self.layers.layers]
+
+    def __call__(
+        self,
+        decoder_input_ids: Array,
+        encoder_hidden: Array | None,
+        encoder_attention_mask: Array,
+        decoder_attention_mask: Array | None = None,
+        cache: list | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, list | None]:
+        """decoder_input_ids (B, T) -> hidden (B, T, D).
+
+        Without a cache, attention is causal over the T tokens. With one (incremental decoding), the T tokens sit at
+        positions cache_index ... cache_index + T - 1 and attend to every earlier cached position.
+        """
+        c = self.config
+        batch, seq_len = decoder_input_ids.shape
+        start = 0 if cache is None else cache[0]["self"]["index"]
+        positions = start + jnp.arange(seq_len) + POSITION_OFFSET
+        hidden = self.embed_tokens(decoder_input_ids) * c.embed_scale + self.embed_positions(positions)[None]
+        hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
+        k_len = seq_len if cache is None else cache[0]["self"]["k"].shape[1]
+        self_bias = causal_bias(seq_len, k_len, start)
+        if decoder_attention_mask is not None:
+            self_bias = self_bias + padding_bias(decoder_attention_mask)
+        cross_bias = padding_bias(encoder_attention_mask)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers.layers):
+            hidden, layer_cache = layer(
+                hidden, self_bias, encoder_hidden, cross_bias, None if cache is None else cache[i], deterministic
+            )
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return hidden, new_cache
+
+
+class BartModule(nn.Module):
+    """The `model` subtree: shared embedding, encoder, decoder."""
+
+    config: BartConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.shared = nn.Embed(
+            c.vocab_size,
+            c.d_model,
+            embedding_init=nn.initializers.normal(c.init_std),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.encoder = BartEncoder(c, self.shared, self.dtype, self.param_dtype)
+        self.decoder = BartDecoder(c, self.shared, self.dtype, self.param_dtype)
+
+
+class BartForConditionalGeneration(nn.Module):
+    """BART with the tied LM head and `final_logits_bias`.
+
+    Methods (call through `model.apply(variables, ..., method=...)`):
+      __call__(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> logits (B, T, V)
+      encode(input_ids, attention_mask) -> (B, S, D)
+      decode(decoder_input_ids, encoder_hidden, encoder_attention_mask, ...) -> (logits (B, T, V), cache)
+      init_cache(encoder_hidden, max_length) -> cache for `decode`
+    """
+
+    config: BartConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.model = BartModule(self.config, self.dtype, self.param_dtype)
+        self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, self.config.vocab_size), self.param_dtype)
+
+    def encode(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
+        return self.model.encoder(input_ids, attention_mask, deterministic=deterministic)
+
+    def lm_logits(self, hidden: Array) -> Array:
+        """(B, T, D) -> float32 logits (B, T, V) through the tied embedding."""
+        return self.model.shared.attend(hidden).astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
+
+    def decode(
+        self,
+        decoder_input_ids: Array,
+        encoder_hidden: Array | None,
+        encoder_attention_mask: Array,
+        decoder_attention_mask: Array | None = None,
+        cache: list | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, list | None]:
+        hidden, cache = self.model.decoder(
+            decoder_input_ids, encoder_hidden, encoder_attention_mask, decoder_attention_mask, cache, deterministic
+        )
+        return self.lm_logits(hidden), cache
+
+    def init_cache(self, encoder_hidden: Array, max_length: int) -> list:
+        """A decoding cache for up to `max_length` decoder tokens: per layer, zeroed self-attention keys/values
+        (B, L, H, Dh) and the cross-attention keys/values of `encoder_hidden`, computed once."""
+        c = self.config
+        batch = encoder_hidden.shape[0]
+        heads = c.decoder_attention_heads
+        shape = (batch, max_length, heads, c.d_model // heads)
+        zeros = jnp.zeros(shape, self.dtype)
+        return [
+            {"self": {"k": zeros, "v": zeros, "index": jnp.array(0, jnp.int32)}, "cross": kv}
+            for kv in self.model.decoder.cross_kv(encoder_hidden)
+        ]
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        decoder_input_ids: Array,
+        decoder_attention_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        encoder_hidden = self.encode(input_ids, attention_mask, deterministic)
+        logits, _ = self.decode(
+            decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask, deterministic=deterministic
+        )
+        return logits
+
+
+def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id: int) -> Array:
+    """labels (B, T) with -100 for ignored positions -> decoder_input_ids (B, T)."""
+    shifted = jnp.concatenate([jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def init_params(model: BartForConditionalGeneration, rng: Array, seq_len: int = 8) -> dict:
+    """Random parameters (BART's normal(init_std) init; LayerNorms at 1/0) for `model`."""
+    ids = jnp.ones((1, seq_len), jnp.int32)
+    return model.init(rng, ids, jnp.ones_like(ids), ids)["params"]
