@@ -1,0 +1,15 @@
+"""lora_jax: LoRA as pure JAX/Flax parameter-tree transforms, with a Flax BART and its training scripts."""
+
+from lora_jax.checkpoint_io import (
+    CheckpointMismatchError,
+    load_pretrained,
+    load_tokenizer,
+    params_from_torch_state_dict,
+    params_to_torch_state_dict,
+    save_pretrained,
+)
+from lora_jax.lora.config import LoraConfig
+from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
+from lora_jax.models.config import BartConfig, bart_base_config
+
+__version__ = "0.1.0"

@@ -1,0 +1,281 @@
+"""Reading and writing Hugging Face BART checkpoints as our Flax parameter tree.
+
+Supported inputs: a local checkpoint directory or a hub id, holding `flax_model.msgpack`, `model.safetensors`
+(also sharded, with `model.safetensors.index.json`) or `pytorch_model.bin` (only when torch is installed).
+PyTorch layout -> Flax layout: Linear `weight` (out, in) -> `kernel` (in, out); LayerNorm `weight` -> `scale`;
+Embedding `weight` -> `embedding`. Writes go to a temporary file first and are renamed into place, so a crash never
+leaves a half-written checkpoint file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+from lora_jax.models.bart import BartForConditionalGeneration
+from lora_jax.models.config import BartConfig
+
+FLAX_WEIGHTS = "flax_model.msgpack"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+SHARED_KEY = "model.shared.weight"
+# Real BART checkpoints may carry the tied embedding under any of these names as well (or instead).
+TIED_EMBEDDING_KEYS = (SHARED_KEY, "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model built from its config (missing weights or other shapes)."""
+
+
+def _resolve(path_or_hub_id: str) -> str:
+    """A local directory for `path_or_hub_id`, downloading from the hub when it is not a local path."""
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")):
+        raise FileNotFoundError(f"{path_or_hub_id!r} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors", FLAX_WEIGHTS, "*.model"]
+    try:
+        local = snapshot_download(path_or_hub_id, allow_patterns=patterns)
+    except Exception as e:  # the hub raises many types; all mean "could not get it"
+        raise OSError(
+            f"could not download {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Without network, pass a local checkpoint directory instead (config.json + model.safetensors or "
+            "flax_model.msgpack)."
+        ) from e
+    if not any(os.path.exists(os.path.join(local, f)) for f in (SAFE_WEIGHTS, SAFE_INDEX, FLAX_WEIGHTS)):
+        local = snapshot_download(path_or_hub_id, allow_patterns=patterns + [TORCH_WEIGHTS])
+    return local
+
+
+def expected_shapes(config: BartConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {tree path: shape} of the parameters a model with `config` has (computed abstractly, no weights made)."""
+    model = BartForConditionalGeneration(config)
+    ids = jnp.ones((1, 4), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"])
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict name of Flax leaf `path`."""
+    if path == ("final_logits_bias",):
+        return "final_logits_bias"
+    *module, leaf = path
+    return ".".join(module) + "." + {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+
+
+def _to_flax(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+    return array.T if path[-1] == "kernel" else array
+
+
+def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    index = os.path.join(directory, SAFE_INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, np.ndarray] = {}
+        for name in files:
+            state.update(load_file(os.path.join(directory, name)))
+        return state
+    return load_file(os.path.join(directory, SAFE_WEIGHTS))
+
+
+def _read_torch_bin(directory: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{directory} holds only {TORCH_WEIGHTS}, which needs torch to read. Install torch "
+            "(pip install 'lora_jax[torch]') or convert the checkpoint to model.safetensors."
+        ) from None
+    state = torch.load(os.path.join(directory, TORCH_WEIGHTS), map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def _shape_error(problems: list[str], what: str) -> CheckpointMismatchError:
+    shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    return CheckpointMismatchError(
+        f"{what} does not fit the model built from its config.json:\n  {shown}\n"
+        "The checkpoint is probably for another base model: use the config.json that came with these weights."
+    )
+
+
+def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartConfig) -> dict:
+    """A PyTorch-layout BART state dict -> our nested Flax params (float32 numpy leaves).
+
+    Raises CheckpointMismatchError naming every missing parameter and every shape that differs."""
+    shapes = expected_shapes(config)
+    state = dict(state)
+    if SHARED_KEY not in state:
+        for key in TIED_EMBEDDING_KEYS[1:]:
+            if key in state:
+                state[SHARED_KEY] = state[key]
+                break
+    flat, problems = {}, []
+    for path, shape in shapes.items():
+        key = torch_key(path)
+        if key not in state:
+            problems.append(f"missing weight {key!r} (Flax {'/'.join(path)}, expected shape {shape})")
+            continue
+        value = _to_flax(path, np.asarray(state[key]))
+        if path == ("final_logits_bias",) and value.ndim == 1:
+            value = value[None]
+        if tuple(value.shape) != shape:
+            problems.append(f"{key}: checkpoint has shape {tuple(value.shape)} (as Flax {'/'.join(path)}), config expects {shape}")
+            continue
+        flat[path] = value
+    if problems:
+        raise _shape_error(problems, "the checkpoint")
+    used = {torch_key(p) for p in shapes} | set(TIED_EMBEDDING_KEYS)
+    unused = sorted(k for k in state if k not in used and not k.endswith(".version"))
+    if unused:
+        warnings.warn(f"ignored {len(unused)} checkpoint weight(s) the model does not use: {unused[:10]}")
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_torch_state_dict(params: Mapping) -> dict[str, np.ndarray]:
+    """Our Flax params -> a PyTorch-layout state dict (float32 numpy), keys as `BartForConditionalGeneration` saves them
+    (the tied embedding only once, as `model.shared.weight`)."""
+    flat = traverse_util.flatten_dict(jax.device_get(dict(params)))
+    out = {}
+    for path, value in flat.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            raise ValueError("params still hold LoRA adapters: merge them first with lora_jax.merge_lora(params, config)")
+        out[torch_key(path)] = np.ascontiguousarray(np.asarray(value, dtype=np.float32).T if path[-1] == "kernel" else np.asarray(value, np.float32))
+    return out
+
+
+def _check_flax_tree(params: Mapping, config: BartConfig) -> None:
+    shapes = expected_shapes(config)
+    flat = traverse_util.flatten_dict(params)
+    problems = [f"missing weight {'/'.join(p)} (expected shape {s})" for p, s in shapes.items() if p not in flat]
+    problems += [
+        f"{'/'.join(p)}: checkpoint has shape {tuple(np.shape(flat[p]))}, config expects {s}"
+        for p, s in shapes.items()
+        if p in flat and tuple(np.shape(flat[p])) != s
+    ]
+    if problems:
+        raise _shape_error(problems, FLAX_WEIGHTS)
+
+
+def _read_flax(directory: str, config: BartConfig) -> dict:
+    with open(os.path.join(directory, FLAX_WEIGHTS), "rb") as f:
+        params = serialization.msgpack_restore(f.read())
+    params = params.get("params", params)
+    _check_flax_tree(params, config)
+    return params
+
+
+_READERS = {
+    FLAX_WEIGHTS: _read_flax,
+    SAFE_WEIGHTS: lambda d, c: params_from_torch_state_dict(_read_safetensors(d), c),
+    TORCH_WEIGHTS: lambda d, c: params_from_torch_state_dict(_read_torch_bin(d), c),
+}
+
+
+def read_params(directory: str, config: BartConfig, weights: str | None = None) -> dict:
+    """Params (numpy float32 leaves) from `directory`: from the `weights` file if given, else from the first of
+    flax_model.msgpack, model.safetensors (or its sharded index), pytorch_model.bin that exists."""
+    if weights is not None:
+        if weights not in _READERS:
+            raise ValueError(f"weights={weights!r}: use one of {sorted(_READERS)}")
+        return _READERS[weights](directory, config)
+    for name, files in ((FLAX_WEIGHTS, [FLAX_WEIGHTS]), (SAFE_WEIGHTS, [SAFE_WEIGHTS, SAFE_INDEX]), (TORCH_WEIGHTS, [TORCH_WEIGHTS])):
+        if any(os.path.exists(os.path.join(directory, f)) for f in files):
+            return _READERS[name](directory, config)
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected one of {FLAX_WEIGHTS}, {SAFE_WEIGHTS} (or {SAFE_INDEX}), {TORCH_WEIGHTS}"
+    )
+
+
+def load_pretrained(
+    path_or_hub_id: str, dtype: Any = jnp.float32, weights: str | None = None
+) -> tuple[BartForConditionalGeneration, dict]:
+    """Loads a BART checkpoint -> (model, params).
+
+    dtype: computation and storage dtype of the model and its params (float32 default, bfloat16 allowed).
+    weights: force a weights file ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"); default: the first of
+      those found, in that order.
+    """
+    directory = _resolve(str(path_or_hub_id))
+    config = BartConfig.from_pretrained(directory)
+    params = read_params(directory, config, weights)
+    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    return model, params
+
+
+def load_tokenizer(path_or_hub_id: str):
+    """The tokenizer saved with a checkpoint (`transformers.AutoTokenizer`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve(str(path_or_hub_id)))
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it onto `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(
+    directory: str,
+    params: Mapping,
+    config: BartConfig,
+    *,
+    tokenizer_dir: str | None = None,
+    generation_config: Mapping[str, Any] | None = None,
+    safetensors: bool = True,
+    flax: bool = True,
+) -> None:
+    """Writes a Hugging Face checkpoint directory: `config.json`, `model.safetensors` (PyTorch layout, loadable by
+    `BartForConditionalGeneration.from_pretrained`) and/or `flax_model.msgpack`, plus tokenizer files copied from
+    `tokenizer_dir` and `generation_config.json` when given."""
+    from safetensors.numpy import save
+
+    os.makedirs(directory, exist_ok=True)
+    if safetensors:
+        state = params_to_torch_state_dict(params)
+        atomic_write(os.path.join(directory, SAFE_WEIGHTS), save(state, metadata={"format": "pt"}))
+    if flax:
+        blob = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, jax.device_get(dict(params))))
+        atomic_write(os.path.join(directory, FLAX_WEIGHTS), blob)
+    atomic_write(os.path.join(directory, "config.json"), json.dumps(config.to_hf_dict(), indent=2))
+    if generation_config is not None:
+        atomic_write(os.path.join(directory, "generation_config.json"), json.dumps(dict(generation_config), indent=2))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(directory, name))
