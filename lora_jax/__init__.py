@@ -13,3 +13,16 @@ from lora_jax.models.bart import BartForConditionalGeneration, init_params, shif
 from lora_jax.models.config import BartConfig, bart_base_config
 
 __version__ = "0.1.0"
+from lora_jax.lora import (
+    LoraModel,
+    adapter_params,
+    combine,
+    count_params,
+    init_lora,
+    merge_lora,
+    split_trainable,
+    unmerge_lora,
+    with_lora,
+)
+from lora_jax.optim import adamw_factory, learning_rate_schedule, lora_optimizer, param_labels
+from lora_jax.training import TrainState, create_train_state, make_eval_step, make_train_step, token_losses

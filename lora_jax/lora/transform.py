@@ -1,0 +1,178 @@
+"""LoRA as pure functions over parameter trees: add adapters, split/combine, merge/unmerge, count.
+
+A LoRA tree is the base tree where each targeted Dense dict `{kernel (in, out), bias}` also holds
+`lora_a (in, r)` and `lora_b (r, out)`. An adapter tree has the same nesting but only the adapter leaves and the
+`modules_to_save` leaves. Trees are plain nested dicts; leaves that are not changed are the same objects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict, unfreeze
+
+from lora_jax.lora.config import LoraConfig, path_matches
+
+LORA_A, LORA_B = "lora_a", "lora_b"
+ADAPTER_LEAVES = (LORA_A, LORA_B)
+Path = tuple[str, ...]
+
+
+def _flat(tree: Mapping) -> dict[Path, Any]:
+    if isinstance(tree, FrozenDict):
+        tree = unfreeze(tree)
+    return traverse_util.flatten_dict(dict(tree))
+
+
+def _unflat(flat: Mapping[Path, Any]) -> dict:
+    return traverse_util.unflatten_dict(dict(flat))
+
+
+def path_str(path: Path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def kernel_modules(params: Mapping) -> dict[str, tuple[int, ...]]:
+    """{module path: kernel shape} for every module holding a `kernel` leaf."""
+    return {path_str(p[:-1]): tuple(np.shape(v)) for p, v in _flat(params).items() if p[-1] == "kernel"}
+
+
+def _module_paths(flat: Mapping[Path, Any]) -> set[str]:
+    return {path_str(p[:i]) for p in flat for i in range(1, len(p) + 1)}
+
+
+def target_modules(params: Mapping, config: LoraConfig) -> list[str]:
+    """The module paths `config.targets` selects; raises a ValueError naming the problem for a target that matches no
+    2-D kernel (listing the candidates) or that matches something other than a 2-D kernel."""
+    flat = _flat(params)
+    kernels = kernel_modules(params)
+    candidates = sorted(p for p, s in kernels.items() if len(s) == 2)
+    chosen = [p for p in candidates if config.is_target(p)]
+    for pattern in config.targets:
+        if any(path_matches(pattern, p) for p in candidates):
+            continue
+        others = sorted(p for p in _module_paths(flat) if path_matches(pattern, p))
+        if others:
+            depth = len(others[0].split("/"))
+            what = {path_str(k[depth:]) or "a leaf": np.shape(v) for k, v in flat.items() if path_str(k[:depth]) == others[0]}
+            raise ValueError(
+                f"LoRA target {pattern!r} matches {others[0]!r}, which is not a module with a 2-D kernel "
+                f"(it holds {what}); LoRA adapts Dense kernels only — use modules_to_save to train it in full."
+            )
+        names = sorted({p.rsplit("/", 1)[-1] for p in candidates})
+        raise ValueError(
+            f"LoRA target {pattern!r} matches no module with a 2-D kernel. Module names: {names}; "
+            f"full paths look like {candidates[:3]} (of {len(candidates)})."
+        )
+    return chosen
+
+
+def _saved_leaf(path: Path, config: LoraConfig | None) -> bool:
+    if config is None or not config.modules_to_save or path[-1] in ADAPTER_LEAVES:
+        return False
+    return any(config.is_saved_module(path_str(path[:i])) for i in range(1, len(path) + 1))
+
+
+def _check_modules_to_save(flat: Mapping[Path, Any], config: LoraConfig) -> None:
+    paths = _module_paths(flat)
+    for pattern in config.modules_to_save:
+        if not any(path_matches(pattern, p) for p in paths):
+            tops = sorted({path_str(p[:2]) for p in flat})
+            raise ValueError(f"modules_to_save entry {pattern!r} matches nothing in the params; top-level paths: {tops}")
+
+
+def _init_a(rng, shape, rank, init, dtype):
+    if init == "gaussian":
+        return (jax.random.normal(rng, shape, jnp.float32) / rank).astype(dtype)
+    # PEFT: kaiming_uniform_(a=sqrt(5)) on the (r, in) weight -> U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array, adapter_dtype: Any = jnp.float32) -> dict:
+    """Adds `lora_a (in, r)` and `lora_b (r, out)` (zeros) beside every targeted kernel. Other leaves are the same
+    objects as in `params`; the input tree is not modified."""
+    flat = _flat(params)
+    if any(p[-1] in ADAPTER_LEAVES for p in flat):
+        raise ValueError("params already hold LoRA adapters; merge_lora(params, config) or start from the base params")
+    modules = target_modules(params, config)
+    _check_modules_to_save(flat, config)
+    keys = jax.random.split(rng, max(len(modules), 1))
+    for key, module in zip(keys, modules):
+        d_in, d_out = np.shape(flat[tuple(module.split("/")) + ("kernel",)])
+        r = config.rank_for(module)
+        base = tuple(module.split("/"))
+        flat[base + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
+        flat[base + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
+    return _unflat(flat)
+
+
+def is_trainable(path: Path, config: LoraConfig | None, full_finetune: bool = False) -> bool:
+    """Adapter leaves and modules_to_save leaves train; with full_finetune every leaf does."""
+    return full_finetune or path[-1] in ADAPTER_LEAVES or _saved_leaf(path, config)
+
+
+def split_trainable(params: Mapping, config: LoraConfig | None, full_finetune: bool = False) -> tuple[dict, dict]:
+    """params -> (trainable, frozen): two disjoint nested dicts that `combine` puts back together."""
+    flat = _flat(params)
+    train = {p: v for p, v in flat.items() if is_trainable(p, config, full_finetune)}
+    frozen = {p: v for p, v in flat.items() if p not in train}
+    return _unflat(train), _unflat(frozen)
+
+
+def adapter_params(params: Mapping, config: LoraConfig | None = None) -> dict:
+    """Only the `lora_a`/`lora_b` leaves and (given `config`) the modules_to_save leaves, nested as in `params`."""
+    return split_trainable(params, config)[0]
+
+
+def combine(base: Mapping, adapter: Mapping) -> dict:
+    """Deep-merges `adapter` into `base` (adapter leaves win)."""
+    flat = _flat(base)
+    flat.update(_flat(adapter))
+    return _unflat(flat)
+
+
+def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    return scale * (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32))
+
+
+def merge_lora(params: Mapping, config: LoraConfig) -> dict:
+    """W' = W + scale·A@B for every adapted kernel (in the kernel's dtype); adapter leaves removed, so the result has
+    exactly the base model's tree."""
+    flat = _flat(params)
+    out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
+    for path in [p for p in flat if p[-1] == LORA_A]:
+        module = path[:-1]
+        kernel = flat[module + ("kernel",)]
+        delta = _delta(flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module)))
+        out[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+    return _unflat(out)
+
+
+def unmerge_lora(merged: Mapping, adapter: Mapping, config: LoraConfig) -> dict:
+    """Inverse of merge_lora: W = W' - scale·A@B, with the adapter (and modules_to_save) leaves put back."""
+    flat = _flat(merged)
+    adapter_flat = _flat(adapter)
+    for path in [p for p in adapter_flat if p[-1] == LORA_A]:
+        module = path[:-1]
+        kernel = flat[module + ("kernel",)]
+        delta = _delta(adapter_flat[path], adapter_flat[module + (LORA_B,)], config.scale_for(path_str(module)))
+        flat[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) - delta).astype(kernel.dtype)
+    flat.update(adapter_flat)
+    return _unflat(flat)
+
+
+def count_params(params: Mapping, config: LoraConfig | None = None, full_finetune: bool = False, verbose: bool = True):
+    """(trainable, total, percent) like PEFT's `print_trainable_parameters` (total = base + adapter)."""
+    flat = _flat(params)
+    total = sum(int(np.prod(np.shape(v))) for v in flat.values())
+    trainable = sum(int(np.prod(np.shape(v))) for p, v in flat.items() if is_trainable(p, config, full_finetune))
+    percent = 100.0 * trainable / max(total, 1)
+    if verbose:
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+    return trainable, total, percent

@@ -1,0 +1,176 @@
+"""Scaling past one device with JAX's own machinery: a (data, fsdp) mesh, sharding rules for params, optimizer state
+and batches, sharded checkpoint loading, and multi-host start-up.
+
+Every device of the mesh works on its own slice of the batch (batch axis sharded over data x fsdp). Parameters are
+replicated over `data`; over `fsdp` each large leaf is split along its largest axis that the fsdp size divides
+(ZeRO-3 style: XLA all-gathers them for the matmuls and reduce-scatters the gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+DATA, FSDP = "data", "fsdp"
+BATCH_SPEC = P((DATA, FSDP))
+# Leaves smaller than this stay replicated: splitting biases and LayerNorms costs more in collectives than it saves.
+MIN_SHARD_SIZE = 2**14
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 means "all remaining devices". data * fsdp must equal the device count."""
+
+    data: int = -1
+    fsdp: int = 1
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, int] | None) -> "MeshConfig":
+        d = dict(d or {})
+        unknown = sorted(set(d) - {DATA, FSDP})
+        if unknown:
+            raise ValueError(f"unknown mesh axis {unknown}; the mesh has axes '{DATA}' and '{FSDP}'")
+        return cls(**d)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    """A 2-D device mesh with axes ('data', 'fsdp')."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data, fsdp = config.data, config.fsdp
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one mesh axis can be -1")
+    if data == -1:
+        data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+    if fsdp == -1:
+        fsdp = n // data if data > 0 and n % data == 0 else 0
+    if data < 1 or fsdp < 1 or data * fsdp != n:
+        raise ValueError(
+            f"mesh {{data: {config.data}, fsdp: {config.fsdp}}} does not fit {n} devices: data x fsdp must equal {n}"
+        )
+    return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_SHARD_SIZE) -> P:
+    """The PartitionSpec of a parameter of `shape`: split its largest axis that `fsdp_size` divides, else replicate.
+
+    For an embedding (vocab, d_model) this is the vocab axis when the vocab divides evenly, else d_model (50265 for
+    BART does not split in 2, 4 or 8, so BART's embedding is split along d_model)."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp_size == 0:
+            return P(*[FSDP if a == axis else None for a in range(len(shape))])
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, shard_params: bool = True) -> Any:
+    """NamedShardings for any tree of arrays or ShapeDtypeStructs: params, optimizer state, a whole TrainState.
+
+    The rule depends only on a leaf's shape, so Adam's moments get exactly their parameter's sharding, and counters,
+    scalars and RNG keys (all below MIN_SHARD_SIZE) are replicated. shard_params=False replicates everything."""
+    fsdp = mesh.shape[FSDP] if shard_params else 1
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays sharded over (data, fsdp) on the batch axis.
+
+    On one host the batch is the global batch; on several, each process passes its own slice (see `host_slice`) and
+    the global batch is their concatenation."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def host_slice(global_batch_size: int) -> slice:
+    """The rows of the global batch this process loads (processes split the batch evenly, in process order)."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch_size % n:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {n} processes")
+    per = global_batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+def put_sharded(tree: Any, shardings: Any) -> Any:
+    """Places host (numpy) arrays into their shardings, each device receiving only its own slice: no full copy of a
+    leaf is made on any device (`jax.make_array_from_callback`)."""
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def load_pretrained_sharded(path_or_hub_id: str, mesh: Mesh, dtype=None, shard_params: bool = True):
+    """`lora_jax.load_pretrained` straight into the mesh: weights are read into host memory once and each device gets
+    only its shard. Returns (model, params, shardings)."""
+    import jax.numpy as jnp
+
+    from lora_jax.checkpoint_io import _resolve, read_params
+    from lora_jax.models.bart import BartForConditionalGeneration
+    from lora_jax.models.config import BartConfig
+
+    dtype = dtype or jnp.float32
+    directory = _resolve(str(path_or_hub_id))
+    config = BartConfig.from_pretrained(directory)
+    host = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), read_params(directory, config))
+    shardings = tree_shardings(host, mesh, shard_params)
+    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
+    return model, put_sharded(host, shardings), shardings
+
+
+def bytes_per_device(tree: Any) -> dict[Any, int]:
+    """{device: bytes of `tree` it holds}, from the arrays' actual shards."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+_DISTRIBUTED_ENV = ("COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` when a multi-host launcher's environment is present (explicit coordinator
+    variables, SLURM, Open MPI, or a multi-worker TPU slice); a no-op on one host. Returns whether it initialised."""
+    env = os.environ
+    multi_worker_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    if not (multi_worker_tpu or any(k in env for k in _DISTRIBUTED_ENV if k != "TPU_WORKER_HOSTNAMES")):
+        return False
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or env["COORDINATOR_ADDRESS"],
+            num_processes=int(env["NUM_PROCESSES"]) if "NUM_PROCESSES" in env else None,
+            process_id=int(env["PROCESS_ID"]) if "PROCESS_ID" in env else None,
+        )
+    else:  # SLURM, Open MPI and TPU pods are auto-detected by JAX's cluster plugins.
+        jax.distributed.initialize()
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def is_main_process() -> bool:
+    """Only process 0 writes logs, metrics and exported adapters."""
+    return jax.process_index() == 0
+
+
+def flat_specs(shardings: Any) -> dict[str, P]:
+    """{'/'-path: PartitionSpec}, for logging what was sharded how."""
+    return {"/".join(k): s.spec for k, s in traverse_util.flatten_dict(shardings).items()}
