@@ -126,7 +126,7 @@ def make_train_step(
         )
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         if max_grad_norm is not None:
             factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
             grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
