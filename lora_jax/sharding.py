@@ -73,13 +73,13 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_SHARD_
     return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, shard_params: bool = True) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, shard_params: bool = True, min_size: int = MIN_SHARD_SIZE) -> Any:
     """NamedShardings for any tree of arrays or ShapeDtypeStructs: params, optimizer state, a whole TrainState.
 
     The rule depends only on a leaf's shape, so Adam's moments get exactly their parameter's sharding, and counters,
     scalars and RNG keys (all below MIN_SHARD_SIZE) are replicated. shard_params=False replicates everything."""
     fsdp = mesh.shape[FSDP] if shard_params else 1
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), tree)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp, min_size)), tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -174,3 +174,10 @@ def is_main_process() -> bool:
 def flat_specs(shardings: Any) -> dict[str, P]:
     """{'/'-path: PartitionSpec}, for logging what was sharded how."""
     return {"/".join(k): s.spec for k, s in traverse_util.flatten_dict(shardings).items()}
+
+
+def shard_state(state: Any, mesh: Mesh, shard_params: bool = True, min_size: int = MIN_SHARD_SIZE) -> tuple[Any, Any]:
+    """Places a TrainState (or any tree) on the mesh by `tree_shardings`; returns (sharded state, its shardings), the
+    latter to pass to `make_train_step(..., shardings=(state_shardings, batch_sharding(mesh)))`."""
+    shardings = tree_shardings(state, mesh, shard_params, min_size)
+    return jax.device_put(state, shardings), shardings
