@@ -1,0 +1,102 @@
+"""Loading splits (hub dataset or local files) and tokenizing them with `datasets` (which caches the result)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from lora_jax.data.denoising import text_infilling
+
+log = logging.getLogger(__name__)
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SPLITS = ("train", "eval", "test")
+
+
+def _builder(pattern: str) -> str:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no file matches {pattern!r}")
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
+        raise ValueError(f"{pattern!r}: expected files of one type among {sorted(_BUILDERS)}, got {sorted(exts)}")
+    return _BUILDERS[exts.pop()]
+
+
+def load_splits(data_cfg) -> dict[str, Any]:
+    """{'train'|'eval'|'test': datasets.Dataset} for the splits the config names (local files or a hub dataset)."""
+    import datasets
+
+    out = {}
+    if data_cfg.dataset is None:
+        for split in SPLITS:
+            pattern = getattr(data_cfg, f"{split}_files")
+            if pattern is None:
+                continue
+            files = sorted(glob.glob(pattern))
+            out[split] = datasets.load_dataset(_builder(pattern), data_files=files, split="train")
+        return out
+    for split in SPLITS:
+        name = getattr(data_cfg, f"{split}_split")
+        try:
+            out[split] = datasets.load_dataset(data_cfg.dataset, data_cfg.dataset_config, split=name)
+        except ValueError as e:  # unknown split name: tell which exist
+            if "Unknown split" in str(e) or "split" in str(e).lower():
+                if split == "train":
+                    raise
+                log.warning("dataset %s has no split %r: skipping %s", data_cfg.dataset, name, split)
+            else:
+                raise
+    return out
+
+
+def check_columns(dataset, columns: list[str], where: str = "dataset") -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{where} has no column {missing[0]!r}; its columns are {dataset.column_names}. "
+            "Set data.source_column / data.target_column to the right names."
+        )
+
+
+def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | None = None):
+    """-> (dataset with int lists `input_ids`, `labels` and the reference text `target_text`, rows dropped as empty).
+
+    Sources and targets are truncated to data_cfg.max_source_length / max_target_length (<s> and </s> included).
+    With objective "denoising" the source column is both input (after BART text infilling) and target."""
+    denoise = data_cfg.objective == "denoising"
+    src_col = data_cfg.source_column
+    tgt_col = src_col if denoise else data_cfg.target_column
+    check_columns(dataset, [src_col, tgt_col])
+    before = len(dataset)
+
+    def non_empty(batch):
+        return [bool(s and str(s).strip()) and bool(t and str(t).strip()) for s, t in zip(batch[src_col], batch[tgt_col])]
+
+    dataset = dataset.filter(non_empty, batched=True, num_proc=num_proc)
+    dropped = before - len(dataset)
+    if dropped:
+        log.warning("dropped %d of %d rows with an empty %s or %s", dropped, before, src_col, tgt_col)
+    mask_id = tokenizer.mask_token_id
+
+    def encode(batch, indices):
+        sources = [str(s) for s in batch[src_col]]
+        targets = [str(t) for t in batch[tgt_col]]
+        labels = tokenizer(targets, truncation=True, max_length=data_cfg.max_target_length)["input_ids"]
+        if denoise:
+            inputs = []
+            for ids, i in zip(tokenizer(sources, truncation=True, max_length=data_cfg.max_source_length)["input_ids"], indices):
+                noised = text_infilling(ids, mask_id, np.random.default_rng([seed, i]))
+                inputs.append(noised[: data_cfg.max_source_length])
+        else:
+            inputs = tokenizer(sources, truncation=True, max_length=data_cfg.max_source_length)["input_ids"]
+        return {"input_ids": inputs, "labels": labels, "target_text": targets}
+
+    dataset = dataset.map(
+        encode, batched=True, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+        desc="tokenizing",
+    )
+    return dataset, dropped

@@ -1,0 +1,34 @@
+"""`python -m train --config configs/<name>.yaml [--set key.sub=value ...]` — see train/train.py."""
+
+import argparse
+import json
+import logging
+import sys
+
+from train.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train", description="Fine-tune BART with LoRA (or fully) with lora_jax.")
+    ap.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value with a dotted key, e.g. --set lora.mode=full (repeatable)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from train.train import train
+
+    summary = train(cfg)
+    print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "eval_loss",
+                                                  "rouge_before", "rouge_after", "trainable_params", "saved")}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

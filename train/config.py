@@ -1,0 +1,265 @@
+"""Run configuration: nested frozen dataclasses read from YAML, with `--set a.b=value` overrides.
+
+Every error names the offending key and is raised before anything is loaded or compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import types
+import typing
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from lora_jax.lora.config import LoraConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    checkpoint: str | None = None  # local dir or hub id; None = random init from init_config
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    tokenizer: str | None = None  # None = the checkpoint's
+    init_config: dict | None = None  # BartConfig fields for a randomly initialised model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    mode: Literal["lora", "full"] = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
+    modules_to_save: list = dataclasses.field(default_factory=list)
+    init: Literal["gaussian", "kaiming_uniform"] = "gaussian"
+    loraplus_lr_ratio: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    dataset: str | None = None  # hub dataset name; None = local files
+    dataset_config: str | None = None
+    train_files: str | None = None  # path or glob of json / jsonl / csv / parquet
+    eval_files: str | None = None
+    test_files: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    source_column: str = "source"
+    target_column: str = "target"
+    max_source_length: int = 512
+    max_target_length: int = 128
+    padding: Literal["bucket", "fixed"] = "bucket"
+    objective: Literal["summarization", "denoising"] = "summarization"
+    max_eval_examples: int | None = None
+    num_proc: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    num_steps: int = 1000
+    eval_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_samples: int = 3
+    rouge_before: bool = True
+    max_examples: int | None = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1
+    fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    mesh: MeshSection = MeshSection()
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{where}.")
+            continue
+        if not _type_ok(value, hint):
+            raise ConfigError(f"config key '{where}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+        kwargs[key] = float(value) if hint is float or (hint == (float | None) and isinstance(value, int)) else value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.learning_rate=3e-4' -> ('optim.learning_rate', 0.0003); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads '3e-4' as a string
+    return key.strip(), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _fix_numbers(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _fix_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, str) and _looks_numeric(tree) and any(c in tree for c in "eE.") and not tree.strip().isalpha():
+        return float(tree)
+    return tree
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks that need more than types: ranks, lengths, files, and the LoraConfig itself."""
+    if cfg.lora.mode == "lora":
+        try:
+            to_lora_config(cfg)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"lora: {e}") from None
+    positive = {
+        "train.batch_size": cfg.train.batch_size, "train.eval_batch_size": cfg.train.eval_batch_size,
+        "train.num_steps": cfg.train.num_steps, "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
+        "data.max_source_length": cfg.data.max_source_length, "data.max_target_length": cfg.data.max_target_length,
+        "eval.num_beams": cfg.eval.num_beams, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if cfg.train.batch_size % cfg.optim.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by optim.grad_accum_steps ({cfg.optim.grad_accum_steps})"
+        )
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise ConfigError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if cfg.model.checkpoint is None and cfg.model.init_config is None:
+        raise ConfigError("model.checkpoint is null: give a checkpoint (dir or hub id) or model.init_config for random init")
+    if cfg.model.checkpoint is None and cfg.model.tokenizer is None:
+        raise ConfigError("model.tokenizer is required when model.checkpoint is null")
+    if cfg.data.dataset is None:
+        if cfg.data.train_files is None:
+            raise ConfigError("data.dataset is null: set data.train_files (and data.eval_files) to local files, or a hub dataset")
+        for key in ("train_files", "eval_files", "test_files"):
+            pattern = getattr(cfg.data, key)
+            if pattern is not None and not glob.glob(pattern):
+                raise ConfigError(f"config key 'data.{key}': no file matches {pattern!r}")
+    return cfg
+
+
+def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> RunConfig:
+    """RunConfig from a YAML file plus `section.key=value` overrides, validated."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+    tree = _fix_numbers(tree)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return validate(_build(RunConfig, tree, ""))
+
+
+def to_lora_config(cfg: RunConfig) -> LoraConfig | None:
+    """The LoraConfig of a run (None for full fine-tuning)."""
+    if cfg.lora.mode == "full":
+        return None
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in dataclasses.asdict(cfg.lora).items() if k in fields})
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

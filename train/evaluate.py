@@ -1,0 +1,103 @@
+"""Evaluation: eval loss and ROUGE of beam-search summaries; also a CLI that scores an adapter or a merged model.
+
+    python -m train.evaluate --config configs/demo.yaml --adapter runs/demo/adapter --split test --out preds.jsonl
+    python -m train.evaluate --config configs/demo.yaml --set model.checkpoint=runs/demo/merged --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import jax
+import numpy as np
+
+from lora_jax.data import eval_batches
+from lora_jax.generation import GenerationConfig, generate, load_generation_config
+from lora_jax.metrics import rouge
+
+log = logging.getLogger(__name__)
+
+
+def generation_settings(cfg, model_config, checkpoint_dir: str | None) -> GenerationConfig:
+    """The checkpoint's generation defaults with the run's eval section on top."""
+    import os
+
+    base = load_generation_config(checkpoint_dir) if checkpoint_dir and os.path.isdir(checkpoint_dir) else None
+    if base is None:
+        from lora_jax.generation import config_from_model
+
+        base = config_from_model(model_config)
+    return base.replace(
+        num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens, length_penalty=cfg.eval.length_penalty,
+        no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
+    )
+
+
+def eval_loss(eval_step, params, dataset, cfg, pad_id: int, start_id: int) -> float:
+    """Mean token cross-entropy over (up to data.max_eval_examples of) the split."""
+    loss_sum = tokens = 0.0
+    for batch, _ in eval_batches(dataset, cfg.train.eval_batch_size, cfg.data.max_source_length, cfg.data.max_target_length,
+                                 pad_id=pad_id, decoder_start_id=start_id, max_examples=cfg.data.max_eval_examples):
+        out = eval_step(params, batch)
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    return loss_sum / max(tokens, 1.0)
+
+
+def summarize(model, params, tokenizer, dataset, cfg, gen: GenerationConfig, pad_id: int, start_id: int):
+    """-> (predictions, references, sources) for up to eval.max_examples rows, with lora_jax's beam search."""
+    preds, refs = [], []
+    for batch, references in eval_batches(dataset, cfg.train.eval_batch_size, cfg.data.max_source_length,
+                                          cfg.data.max_target_length, pad_id=pad_id, decoder_start_id=start_id,
+                                          max_examples=cfg.eval.max_examples):
+        ids = generate(model, params, batch["input_ids"], batch["attention_mask"], generation_config=gen)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        keep = batch["example_mask"].astype(bool)
+        preds += [t.strip() for t, k in zip(texts, keep) if k]
+        refs += references
+    n = len(preds)
+    sources = tokenizer.batch_decode([dataset[i]["input_ids"] for i in range(n)], skip_special_tokens=True)
+    return preds, refs, sources
+
+
+def score(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id) -> tuple[dict, list, list, list]:
+    preds, refs, sources = summarize(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id)
+    return rouge(preds, refs), preds, refs, sources
+
+
+def main(argv=None) -> int:
+    from train.config import ConfigError, load_config
+    from train.train import build
+
+    ap = argparse.ArgumentParser(description="Score a base model, an adapter, or a merged model with ROUGE on a split.")
+    ap.add_argument("--config", required=True, help="run config YAML (model, data, eval sections are used)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    ap.add_argument("--adapter", help="adapter checkpoint directory (Orbax, from save_adapter) to apply to the base")
+    ap.add_argument("--split", default="test", choices=["eval", "test"], help="which split to score")
+    ap.add_argument("--out", help="write predictions as JSON lines here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    run = build(cfg, for_training=False, adapter_dir=args.adapter)
+    if args.split not in run.splits:
+        print(f"the config names no {args.split} data (data.{args.split}_files / data.{args.split}_split)", file=sys.stderr)
+        return 2
+    scores, preds, refs, sources = score(run.apply_model, run.params, run.tokenizer, run.splits[args.split], cfg, run.gen,
+                                         run.pad_id, run.start_id)
+    print(json.dumps({"split": args.split, "examples": len(preds), **{k: round(v, 2) for k, v in scores.items()}}))
+    if args.out:
+        with open(args.out, "w") as f:
+            for s, p, r in zip(sources, preds, refs):
+                f.write(json.dumps({"source": s, "prediction": p, "reference": r}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
