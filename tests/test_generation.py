@@ -3,17 +3,27 @@
 import json
 import os
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax.generation import GenerationConfig, generate, load_generation_config, num_compilations
+from lora_jax.generation import (
+    GenerationConfig,
+    generate,
+    generate_padded,
+    load_generation_config,
+    num_compilations,
+    process_scores,
+)
 from lora_jax.lora import LoraConfig, LoraModel
-from tests.conftest import FIXTURE, MODEL_DIR
+from tests.conftest import FIXTURE, MODEL_DIR, peft_adapter_tree
 
 TEXTS = json.load(open(os.path.join(FIXTURE, "reference_texts.json")))
-GREEDY = {k: v for k, v in TEXTS["generate_kwargs"].items() if k != "do_sample"}
+GREEDY = TEXTS["generate_kwargs"]  # max_new_tokens 24, no forced tokens, early_stopping True (do_sample False)
+CNN = TEXTS["generate_kwargs_beam4_cnn"]
 
 
 @pytest.mark.parametrize(
@@ -21,7 +31,7 @@ GREEDY = {k: v for k, v in TEXTS["generate_kwargs"].items() if k != "do_sample"}
     [
         ({**GREEDY, "num_beams": 1}, "torch_greedy_ids"),
         ({**GREEDY, "num_beams": 4, "length_penalty": 1.0}, "torch_beam4_ids"),
-        (TEXTS["generate_kwargs_beam4_cnn"], "torch_beam4_cnn_ids"),
+        (CNN, "torch_beam4_cnn_ids"),
     ],
 )
 def test_generate_reproduces_transformers(tiny, ref, settings, expected):
@@ -30,24 +40,61 @@ def test_generate_reproduces_transformers(tiny, ref, settings, expected):
     np.testing.assert_array_equal(ids, ref[expected])
 
 
-def test_greedy_without_jit_matches(tiny, ref):
+def test_padded_buffer_is_the_trimmed_output_then_padding(tiny, ref):
     model, params = tiny
+    padded = np.asarray(generate_padded(model, params, ref["input_ids"], ref["attention_mask"], generation_config=CNN))
+    expected = ref["torch_beam4_cnn_ids"]
+    assert padded.shape == (4, 1 + CNN["max_new_tokens"])
+    np.testing.assert_array_equal(padded[:, : expected.shape[1]], expected)
+    assert np.all(padded[:, expected.shape[1] :] == 1)
+
+
+def test_cached_decoding_matches_full_decoding(tiny, ref):
+    """Feeding the reference decoder inputs one token at a time through the cache gives the full-sequence logits."""
+    model, params = tiny
+    variables = {"params": params}
+    mask, targets = ref["attention_mask"], ref["decoder_input_ids"]
+    length = targets.shape[1]
+
+    @jax.jit
+    def both(input_ids):
+        encoded = model.apply(variables, input_ids, mask, method="encode")
+        full, _ = model.apply(variables, targets, encoded, mask, method="decode")
+        cache = model.apply(variables, encoded, length, method="init_cache")
+
+        def step(cache, token):
+            logits, cache = model.apply(variables, token[:, None], None, mask, cache=cache, method="decode")
+            return cache, logits[:, 0]
+
+        _, stepped = jax.lax.scan(step, cache, targets.T)
+        return full, jnp.swapaxes(stepped, 0, 1)
+
+    full, stepped = both(ref["input_ids"])
+    chex.assert_trees_all_close(stepped, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_unjitted_generation_matches_jitted(tiny, ref, num_beams):
+    model, params = tiny
+    args = (model, params, ref["input_ids"][:1], ref["attention_mask"][:1])
+    settings = dict(generation_config=GREEDY, num_beams=num_beams, max_new_tokens=6)
     with jax.disable_jit():
-        ids = generate(model, params, ref["input_ids"][:2], ref["attention_mask"][:2], num_beams=1, max_new_tokens=6,
-                       generation_config={**GREEDY})
-    jitted = generate(model, params, ref["input_ids"][:2], ref["attention_mask"][:2], num_beams=1, max_new_tokens=6,
-                      generation_config={**GREEDY})
-    np.testing.assert_array_equal(ids, jitted)
-    np.testing.assert_array_equal(ids, ref["torch_greedy_ids"][:2, : ids.shape[1]])
+        eager = generate(*args, **settings)
+    np.testing.assert_array_equal(eager, generate(*args, **settings))
+    if num_beams == 1:
+        np.testing.assert_array_equal(eager, ref["torch_greedy_ids"][:1, : eager.shape[1]])
 
 
 def test_same_shapes_compile_once(tiny, ref):
     model, params = tiny
     settings = {**GREEDY, "num_beams": 2, "max_new_tokens": 5}
-    generate(model, params, ref["input_ids"], ref["attention_mask"], generation_config=settings)
     before = num_compilations()
-    generate(model, params, ref["input_ids"][::-1], ref["attention_mask"][::-1], generation_config=settings)
-    assert num_compilations() == before
+    generate(model, params, ref["input_ids"], ref["attention_mask"], generation_config=settings)
+    assert num_compilations() == before + 1
+    # Other inputs of the same shapes, a fresh but equal model object and an equal settings dict: no recompilation.
+    same_model = lora_jax.BartForConditionalGeneration(model.config)
+    generate(same_model, params, ref["input_ids"][::-1], ref["attention_mask"][::-1], generation_config=dict(settings))
+    assert num_compilations() == before + 1
 
 
 def test_defaults_come_from_generation_config_json():
@@ -55,39 +102,81 @@ def test_defaults_come_from_generation_config_json():
     assert cfg == GenerationConfig(forced_eos_token_id=2, decoder_start_token_id=2, eos_token_id=2, pad_token_id=1)
 
 
-def test_explicit_none_switches_a_forced_token_off(tiny, ref):
-    model, params = tiny
-    settings = {**GREEDY, "max_new_tokens": 4, "forced_eos_token_id": None}
-    ids = generate(model, params, ref["input_ids"][:1], ref["attention_mask"][:1], generation_config=settings)
-    forced = generate(model, params, ref["input_ids"][:1], ref["attention_mask"][:1], generation_config={**settings, "forced_eos_token_id": 2})
-    assert ids[0, -1] != 2 and forced[0, -1] == 2
+def test_generation_config_json_wins_over_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_beams": 4, "min_length": 3, "forced_bos_token_id": 0}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 2, "forced_bos_token_id": None}))
+    cfg = load_generation_config(str(tmp_path))
+    assert (cfg.num_beams, cfg.min_length, cfg.forced_bos_token_id, cfg.length_penalty) == (2, 3, None, 1.0)
 
 
-def test_min_length_and_no_repeat_ngram(tiny, ref):
+def test_model_config_forces_eos_at_max_length_unless_switched_off(tiny, ref):
     model, params = tiny
-    ids = generate(model, params, ref["input_ids"], ref["attention_mask"], num_beams=1, max_new_tokens=24,
-                   min_length=10, no_repeat_ngram_size=2, generation_config=GREEDY)
-    for row in ids:
-        tokens = list(row)
-        end = tokens.index(2, 1) if 2 in tokens[1:] else len(tokens)
-        assert end >= 9  # </s> is not allowed before total length 10
-        bigrams = list(zip(tokens[:end], tokens[1:end]))
-        assert len(bigrams) == len(set(bigrams))
+    args = (model, params, ref["input_ids"][:1], ref["attention_mask"][:1])
+    forced = generate(*args, max_new_tokens=4)  # defaults from model.config: forced_eos_token_id=2
+    free = generate(*args, generation_config={**GREEDY, "max_new_tokens": 4})  # forced_eos_token_id: None
+    assert forced.shape == free.shape == (1, 5)
+    assert forced[0, -1] == 2 and free[0, -1] != 2
+
+
+def _banned_like_transformers(seq: list, n: int) -> set:
+    """transformers' NoRepeatNGram rule, written out: tokens completing an n-gram already in `seq`."""
+    if len(seq) + 1 < n:
+        return set()
+    prefix = tuple(seq[len(seq) - n + 1 :])
+    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_bans_what_transformers_bans(n):
+    rng = np.random.default_rng(n)
+    sequences = rng.integers(0, 4, size=(16, 12)).astype(np.int32)  # small vocabulary: many repeats
+    cfg = GenerationConfig(no_repeat_ngram_size=n, max_new_tokens=11)
+    for cur_len in range(1, 12):
+        scores = np.asarray(process_scores(jnp.zeros((16, 6)), jnp.asarray(sequences), jnp.asarray(cur_len), cfg))
+        for row, seq in zip(scores, sequences):
+            assert set(np.flatnonzero(np.isinf(row))) == _banned_like_transformers(list(seq[:cur_len]), n)
+
+
+@pytest.mark.parametrize(
+    "settings,cur_len,allowed",
+    [
+        (dict(min_length=5), 4, [0, 1, 3, 4, 5]),  # eos (2) banned while the total length is below 5
+        (dict(min_length=5), 5, [0, 1, 2, 3, 4, 5]),
+        (dict(forced_bos_token_id=0), 1, [0]),
+        (dict(forced_bos_token_id=0), 2, [0, 1, 2, 3, 4, 5]),
+        (dict(forced_eos_token_id=2), 7, [2]),  # max_length 8: the last step
+        (dict(forced_eos_token_id=2), 6, [0, 1, 2, 3, 4, 5]),
+    ],
+)
+def test_length_and_forced_token_processors(settings, cur_len, allowed):
+    cfg = GenerationConfig(max_new_tokens=7, **settings)
+    scores = process_scores(jnp.zeros((2, 6)), jnp.zeros((2, 8), jnp.int32), jnp.asarray(cur_len), cfg)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(scores)), np.isin(np.arange(6), allowed)[None].repeat(2, 0))
 
 
 def test_lora_model_generates_like_its_merged_weights(tiny, ref):
     model, params = tiny
     config = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
-    from tests.conftest import peft_adapter_tree
-
     adapted = lora_jax.combine(params, peft_adapter_tree())
     settings = {**GREEDY, "num_beams": 4}
-    unmerged = generate(LoraModel(model, config), adapted, ref["input_ids"], ref["attention_mask"], generation_config=settings)
-    merged = generate(model, lora_jax.merge_lora(adapted, config), ref["input_ids"], ref["attention_mask"], generation_config=settings)
+    inputs = (ref["input_ids"], ref["attention_mask"])
+    unmerged = generate(LoraModel(model, config), adapted, *inputs, generation_config=settings)
+    merged = generate(model, lora_jax.merge_lora(adapted, config), *inputs, generation_config=settings)
     np.testing.assert_array_equal(unmerged, merged)
 
 
-def test_too_long_generation_is_refused(tiny, ref):
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(max_new_tokens=500), ValueError, "max_position_embeddings"),
+        (dict(early_stopping="sometimes"), ValueError, "early_stopping"),
+        (dict(num_beams=0), ValueError, "num_beams"),
+        (dict(generation_config={"do_sample": True}), ValueError, "do_sample"),
+        (dict(generation_config={"eos_token_id": [2, 3]}), ValueError, "eos_token_id"),
+        (dict(generation_config="beam4"), TypeError, "generation_config"),
+    ],
+)
+def test_bad_settings_are_refused(tiny, ref, kwargs, error, match):
     model, params = tiny
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        generate(model, params, ref["input_ids"], ref["attention_mask"], max_new_tokens=500)
+    with pytest.raises(error, match=match):
+        generate(model, params, ref["input_ids"], ref["attention_mask"], **kwargs)

@@ -1,0 +1,95 @@
+"""Decoding settings: `GenerationConfig` and how they are read from a checkpoint or a model config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings (names and meanings as in `transformers.GenerationConfig`).
+
+    max_new_tokens excludes the decoder start token; min_length and max_length count it (total decoder length).
+    When max_new_tokens is set it wins over max_length (max_length = max_new_tokens + 1), as in transformers.
+    The special-token defaults are BART's; `load_generation_config` / `config_from_model` fill in the model's."""
+
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+    max_length: int = 20
+    min_length: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    early_stopping: bool | str = False
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    decoder_start_token_id: int = 2
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+
+    @property
+    def total_length(self) -> int:
+        """Length of the output buffer, start token included."""
+        return self.max_new_tokens + 1 if self.max_new_tokens is not None else self.max_length
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GenerationConfig":
+        """Known fields of a transformers generation config; other keys are ignored, except settings asking for
+        something this module does not do (sampling, several returned sequences), which raise."""
+        if d.get("do_sample"):
+            raise ValueError("do_sample=True is not supported: generate does greedy and beam search only")
+        if d.get("num_return_sequences", 1) not in (1, None):
+            raise ValueError("num_return_sequences > 1 is not supported: generate returns the best sequence per input")
+        # An explicit None switches an optional setting off (forced tokens, max_new_tokens); elsewhere it means unset.
+        optional = {"max_new_tokens", "forced_bos_token_id", "forced_eos_token_id"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in d.items() if k in names and (v is not None or k in optional)}
+        if isinstance(fields.get("eos_token_id"), (list, tuple)):
+            eos = fields["eos_token_id"]
+            if len(eos) != 1:
+                raise ValueError(f"eos_token_id={eos}: only a single end-of-sequence token is supported")
+            fields["eos_token_id"] = eos[0]
+        return cls(**fields)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad setting."""
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.total_length < 2:
+            raise ValueError(f"max_length={self.max_length} leaves no room to generate; set max_new_tokens >= 1")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.no_repeat_ngram_size < 0 or self.min_length < 0:
+            raise ValueError("no_repeat_ngram_size and min_length must be >= 0")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_generation_config(directory: str) -> GenerationConfig:
+    """Settings from a checkpoint directory: `generation_config.json` wins over `config.json`, which wins over
+    transformers' defaults (num_beams 1, length_penalty 1.0, no_repeat_ngram_size 0, min_length 0,
+    early_stopping False, no forced tokens, max_length 20). An explicit null in generation_config.json switches a
+    forced token off even when config.json sets it."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory; pass a checkpoint directory holding config.json")
+    merged = {k: v for k, v in _read_json(os.path.join(directory, "config.json")).items() if v is not None}
+    merged.update(_read_json(os.path.join(directory, "generation_config.json")))
+    return GenerationConfig.from_dict(merged)
+
+
+def config_from_model(model_config) -> GenerationConfig:
+    """Defaults from a model config such as BartConfig (its generation fields and special tokens)."""
+    names = [f.name for f in dataclasses.fields(GenerationConfig)]
+    return GenerationConfig.from_dict({n: getattr(model_config, n) for n in names if hasattr(model_config, n)})

@@ -1,0 +1,183 @@
+"""The jitted decoding loops: greedy and beam search over a key/value cache, one `lax.while_loop` each.
+
+The encoder runs once and `init_cache` computes the cross-attention keys/values once; every loop iteration decodes
+one token per hypothesis and the loop stops as soon as every sequence is finished. Beam bookkeeping follows
+transformers' (4.57) vectorised `_beam_search`: 2K candidates per input, running vs finished beams, length
+penalty, early-stopping heuristic.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.generation.config import GenerationConfig
+from lora_jax.generation.processors import process_scores
+
+NEG = -1.0e9  # transformers' "very negative" score for impossible beams
+
+
+def _encode_and_cache(model, params, input_ids, attention_mask, expand: int, length: int):
+    variables = {"params": params}
+    encoded = model.apply(variables, input_ids, attention_mask, method="encode")
+    if expand > 1:
+        encoded = jnp.repeat(encoded, expand, axis=0)
+        attention_mask = jnp.repeat(attention_mask, expand, axis=0)
+    cache = model.apply(variables, encoded, length, method="init_cache")
+    return attention_mask, cache
+
+
+def _step_logits(model, params, tokens, attention_mask, cache):
+    logits, cache = model.apply({"params": params}, tokens[:, None], None, attention_mask, cache=cache, method="decode")
+    return logits[:, -1, :].astype(jnp.float32), cache
+
+
+def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+    batch = input_ids.shape[0]
+    length = cfg.total_length
+    mask, cache = _encode_and_cache(model, params, input_ids, attention_mask, 1, length)
+    sequences = jnp.full((batch, length), cfg.pad_token_id, jnp.int32).at[:, 0].set(cfg.decoder_start_token_id)
+
+    def cond(state):
+        cur_len, _, _, finished = state
+        return (cur_len < length) & ~jnp.all(finished)
+
+    def body(state):
+        cur_len, sequences, cache, finished = state
+        logits, cache = _step_logits(model, params, sequences[:, cur_len - 1], mask, cache)
+        scores = process_scores(logits, sequences, cur_len, cfg)
+        tokens = jnp.where(finished, cfg.pad_token_id, jnp.argmax(scores, axis=-1).astype(jnp.int32))
+        sequences = sequences.at[:, cur_len].set(tokens)
+        return cur_len + 1, sequences, cache, finished | (tokens == cfg.eos_token_id)
+
+    init = (jnp.array(1, jnp.int32), sequences, cache, jnp.zeros((batch,), bool))
+    cur_len, sequences, _, _ = jax.lax.while_loop(cond, body, init)
+    return sequences, cur_len
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x (B, K, ...) gathered along axis 1 with index (B, K')."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _reorder_cache(cache, flat_index: jax.Array):
+    """Gathers every batched leaf of each layer's self-attention cache by hypothesis (flat_index (B*K,)).
+
+    Cross-attention K/V are left alone: all beams of one input share them, and beams never move between inputs, so
+    gathering them would only copy identical rows (a large copy per step for long sources)."""
+    gather = lambda x: x[flat_index] if x.ndim else x
+    return [{**layer, "self": jax.tree_util.tree_map(gather, layer["self"])} for layer in cache]
+
+
+def _length_penalty_table(length: int, length_penalty: float) -> jax.Array:
+    """(length + 1,) float32 with entry n = n ** length_penalty.
+
+    transformers divides float32 scores by the Python float `n ** length_penalty`, which torch rounds to float32;
+    computing the powers in float64 on the host and rounding them reproduces that division bit for bit (a float32
+    power inside the loop can differ in the last bit for non-integer penalties, and flip near-tied beams)."""
+    return jnp.asarray(np.array([float(n) ** length_penalty if n else 1.0 for n in range(length + 1)], np.float32))
+
+
+def _merge_finished(s: dict, topk_seqs, topk_scores, just_finished, denominator, early_stopping) -> tuple:
+    """Keeps the best `beams` of the finished hypotheses so far and the candidates that just finished.
+
+    topk_* (B, 2K); candidates that did not just finish, or arrive once their input can no longer improve, get
+    NEG added so they lose to any real finished hypothesis (transformers' `_update_finished_beams`)."""
+    beams = s["scores"].shape[1]
+    final_scores = topk_scores / denominator
+    full = jnp.all(s["finished"], axis=-1, keepdims=True) & (early_stopping is True)
+    final_scores = final_scores + full * NEG + (~s["improvable"]) * NEG + (~just_finished) * NEG
+    merged_scores = jnp.concatenate([s["scores"], final_scores], axis=1)
+    best = jax.lax.top_k(merged_scores, beams)[1]
+    sequences = _gather(jnp.concatenate([s["sequences"], topk_seqs], axis=1), best)
+    finished = _gather(jnp.concatenate([s["finished"], just_finished], axis=1), best)
+    return sequences, _gather(merged_scores, best), finished
+
+
+def _still_improvable(improvable, running_scores, scores, finished, denominator) -> jax.Array:
+    """(B, 1): can the best running beam, length-normalised by `denominator`, still beat the worst finished one?
+    (transformers' `_check_early_stop_heuristic`)."""
+    best_running = running_scores[:, :1] / denominator
+    worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+    return improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+
+
+def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+    batch, beams = input_ids.shape[0], cfg.num_beams
+    length, prompt_len = cfg.total_length, 1
+    keep = 2 * beams  # max(2, 1 + number of eos tokens) * num_beams: enough to keep `beams` running after any eos
+    top_beam_mask = jnp.arange(keep) < beams
+    penalty = _length_penalty_table(length, cfg.length_penalty)
+    mask, cache = _encode_and_cache(model, params, input_ids, attention_mask, beams, length)
+    running = jnp.full((batch, beams, length), cfg.pad_token_id, jnp.int32).at[:, :, 0].set(cfg.decoder_start_token_id)
+    state = dict(
+        cur_len=jnp.array(1, jnp.int32),
+        running=running,
+        # Only beam 0 is live at first, so the K identical start beams do not yield K copies of one continuation.
+        running_scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(NEG),
+        sequences=running,
+        scores=jnp.full((batch, beams), NEG, jnp.float32),
+        finished=jnp.zeros((batch, beams), bool),
+        improvable=jnp.ones((batch, 1), bool),
+        all_stopped=jnp.array(False),
+        cache=cache,
+    )
+
+    def cond(s):
+        open_beam = ~(jnp.all(s["finished"]) & (cfg.early_stopping is True))
+        return (s["cur_len"] < length) & jnp.any(s["improvable"]) & open_beam & ~s["all_stopped"]
+
+    def body(s):
+        cur_len = s["cur_len"]
+        flat_running = s["running"].reshape(batch * beams, length)
+        logits, cache = _step_logits(model, params, flat_running[:, cur_len - 1], mask, s["cache"])
+        log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, cur_len, cfg)
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.reshape(batch, beams, vocab) + s["running_scores"][:, :, None]
+        topk_scores, topk_index = jax.lax.top_k(log_probs.reshape(batch, beams * vocab), keep)
+        source_beam, tokens = topk_index // vocab, (topk_index % vocab).astype(jnp.int32)
+        topk_seqs = _gather(s["running"], source_beam).at[:, :, cur_len].set(tokens)
+        hits_stop = (tokens == cfg.eos_token_id) | (cur_len + 1 >= length)
+
+        # Running beams for the next step: the best `beams` candidates that did not stop; the cache follows them.
+        running_candidates = topk_scores + hits_stop * NEG
+        next_index = jax.lax.top_k(running_candidates, beams)[1]
+        running_scores = _gather(running_candidates, next_index)
+        flat_source = jnp.arange(batch)[:, None] * beams + _gather(source_beam, next_index)
+        cache = _reorder_cache(cache, flat_source.reshape(-1))
+
+        just_finished = hits_stop & top_beam_mask[None, :]
+        sequences, scores, finished = _merge_finished(
+            s, topk_seqs, topk_scores, just_finished, penalty[cur_len + 1 - prompt_len], cfg.early_stopping
+        )
+        cur_len = cur_len + 1
+        # early_stopping="never" with a positive penalty assumes running beams may grow to max_length; otherwise the
+        # best a running beam can do is its current normalised score.
+        never = cfg.early_stopping == "never" and cfg.length_penalty > 0.0
+        best_length = length - prompt_len if never else cur_len - prompt_len
+        improvable = _still_improvable(s["improvable"], running_scores, scores, finished, penalty[best_length])
+        return dict(
+            cur_len=cur_len, running=_gather(topk_seqs, next_index), running_scores=running_scores,
+            sequences=sequences, scores=scores, finished=finished, improvable=improvable,
+            all_stopped=jnp.all(hits_stop), cache=cache,
+        )
+
+    final = jax.lax.while_loop(cond, body, state)
+    return final["sequences"][:, 0, :], final["cur_len"]
+
+
+def run(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+    if cfg.num_beams == 1:
+        return _greedy(model, cfg, params, input_ids, attention_mask)
+    return _beam_search(model, cfg, params, input_ids, attention_mask)
+
+
+# One compiled program per (model, settings, input shapes): both are hashable frozen dataclasses, so equal settings
+# reuse the compiled loop.
+run_jit = jax.jit(run, static_argnums=(0, 1))
+
+
+def num_compilations() -> int:
+    """How many (model, settings, shapes) combinations `generate` has compiled in this process."""
+    return run_jit._cache_size()

@@ -1,0 +1,140 @@
+"""`python -m train` end to end on the fixture model: outputs, kill -9 and resume, SIGTERM, corrupt checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import FIXTURE, MODEL_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    texts = json.load(open(os.path.join(FIXTURE, "reference_texts.json")))
+    rows = [{"source": s, "target": t} for s, t in zip(texts["sources"], texts["targets"])]
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(6):
+            for r in rows:
+                f.write(json.dumps({"source": f"{r['source']} ({i})", "target": r["target"]}) + "\n")
+    with open(d / "eval.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return d
+
+
+def _config(tmp_path, data_dir, name, **train):
+    train = {"batch_size": 4, "eval_batch_size": 4, "num_steps": 10, "eval_every": 100, "save_every": 2, "log_every": 1,
+             "output_dir": str(tmp_path / name), **train}
+    cfg = {
+        "model": {"checkpoint": MODEL_DIR},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train_files": str(data_dir / "train.jsonl"), "max_source_length": 64, "max_target_length": 16},
+        "optim": {"learning_rate": 0.005, "warmup_steps": 2},
+        "train": train,
+        "eval": {"rouge_before": False, "num_beams": 2, "max_new_tokens": 12},
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return str(path)
+
+
+def _cmd(config, *extra):
+    return [sys.executable, "-m", "train", "--config", config, *extra]
+
+
+def _losses(output_dir):
+    losses = {}
+    for line in open(os.path.join(output_dir, "metrics.jsonl")):
+        r = json.loads(line)
+        if r["split"] == "train":
+            losses[r["step"]] = r["loss"]  # a replayed step after a resume overwrites the killed run's record
+    return losses
+
+
+def _run(cmd):
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _wait_for_step(output_dir, step, proc, timeout=300):
+    path = os.path.join(output_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and max(_losses(output_dir), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("runs")
+    config = _config(tmp, data_dir, "full_run", eval_every=5)
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["data"]["eval_files"] = str(data_dir / "eval.jsonl")
+    open(config, "w").write(json.dumps(cfg))
+    out = _run(_cmd(config))
+    return tmp / "full_run", out
+
+
+def test_run_writes_everything_a_user_needs(uninterrupted):
+    out_dir, proc = uninterrupted
+    for name in ("metrics.jsonl", "summary.json", "loss_curve.png", "samples.txt", "predictions.jsonl", "config.json"):
+        assert (out_dir / name).exists(), name
+    assert list((out_dir / "tensorboard").iterdir())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["trainable_params"] == 3072
+    assert 1 <= summary["train_compilations"] <= summary["batch_shapes_possible"]
+    assert set(summary["rouge_after"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert (out_dir / "adapter" / "adapter_meta.json").exists() and summary["saved"]["bytes"] < 200_000
+    assert "trainable params: 3,072" in proc.stdout
+
+
+def test_kill_9_mid_run_then_resume_gives_the_same_losses(tmp_path, data_dir, uninterrupted):
+    reference = _losses(uninterrupted[0])
+    config = _config(tmp_path, data_dir, "killed")
+    proc = subprocess.Popen(_cmd(config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(tmp_path / "killed", 5, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = max(_losses(tmp_path / "killed"))
+    assert killed_at < 10
+    out = _run(_cmd(config))
+    assert "resumed from step" in out.stderr
+    resumed = _losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 11))
+    np.testing.assert_array_equal([resumed[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)])
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, "preempted", num_steps=300, save_every=1000, log_every=1)
+    proc = subprocess.Popen(_cmd(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / "preempted", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=300)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and summary["stopped_early"] is True and summary["steps"] < 300
+    assert os.listdir(tmp_path / "preempted" / "checkpoints") == [str(summary["steps"])]
+    out = _run(_cmd(config, "--set", "train.num_steps=300"))
+    assert f"resumed from step {summary['steps']}" in out.stderr
+    assert max(_losses(tmp_path / "preempted")) == 300
+
+
+def test_config_errors_exit_before_any_work(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, "bad")
+    out = subprocess.run(_cmd(config, "--set", "lora.rnak=4"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "did you mean 'lora.rank'" in out.stderr
+    assert not (tmp_path / "bad").exists()
