@@ -106,7 +106,7 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
     base = _flat(base_params)
     problems = []
     for key, value in _flat(adapter).items():
-        module, leaf = key.rsplit("/", 1)
+        module, _, leaf = key.rpartition("/")
         shape = tuple(np.shape(value))
         if leaf in ADAPTER_LEAVES:
             kernel = base.get(module + "/kernel")

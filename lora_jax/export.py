@@ -1,0 +1,28 @@
+"""Merged export: fold the adapters into the base and write a plain Hugging Face checkpoint (no lora_jax needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from lora_jax.checkpoint_io import save_pretrained
+from lora_jax.lora.config import LoraConfig
+from lora_jax.lora.transform import merge_lora
+
+
+def export_merged(
+    directory: str,
+    params: Mapping,
+    lora_config: LoraConfig,
+    model_config,
+    *,
+    tokenizer_dir: str | None = None,
+    generation_config: Mapping[str, Any] | Any | None = None,
+) -> str:
+    """W + scale·AB for every adapter, then `model.safetensors` (PyTorch layout) + `flax_model.msgpack` +
+    `config.json` (+ tokenizer files, generation_config.json) in `directory`."""
+    merged = merge_lora(params, lora_config)
+    if generation_config is not None and dataclasses.is_dataclass(generation_config):
+        generation_config = {k: v for k, v in dataclasses.asdict(generation_config).items() if v is not None}
+    save_pretrained(directory, merged, model_config, tokenizer_dir=tokenizer_dir, generation_config=generation_config)
+    return directory

@@ -1,0 +1,199 @@
+"""PEFT interop both ways: `adapter_config.json` + `adapter_model.safetensors` as PEFT (0.21) saves them for BART.
+
+PEFT key of an adapter leaf: `base_model.model.<dotted module path>.lora_A.weight` with shape (r, in) (= our
+`lora_a.T`) and `...lora_B.weight` with shape (out, r) (= our `lora_b.T`). A modules_to_save module is stored under
+its plain PyTorch names (`base_model.model.model.encoder.layernorm_embedding.weight`), as PEFT does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from lora_jax.checkpoint_io import atomic_write, torch_key
+from lora_jax.lora.config import LoraConfig
+from lora_jax.lora.transform import LORA_A, LORA_B, adapter_params
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None,),
+    "fan_in_fan_out": (False, None),
+    "lora_bias": (False, None),
+    "use_qalora": (False, None),
+    "target_parameters": (None, [],),
+    "trainable_token_indices": (None,),
+    "layer_replication": (None,),
+}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _peft_pattern(pattern: str) -> str:
+    """Our '/'-path regex -> PEFT's '.'-path regex (a '/' becomes an escaped dot)."""
+    return pattern.replace("/", r"\.")
+
+
+def _our_pattern(pattern: str) -> str:
+    return pattern.replace(r"\.", "/")
+
+
+def _peft_targets(targets: tuple[str, ...]) -> list[str] | str:
+    """Plain module names stay a list (PEFT suffix-matches them); anything else becomes one regex that PEFT
+    full-matches against dotted module names, with our suffix-at-a-boundary semantics."""
+    if all(_NAME.match(t) for t in targets):
+        return sorted(targets)
+    return "|".join(rf"(?:.*\.)?(?:{_peft_pattern(t)})" for t in targets)
+
+
+def _saved_modules(adapter_flat: Mapping[tuple, Any], config: LoraConfig) -> list[str]:
+    names = set()
+    for path in adapter_flat:
+        if path[-1] in (LORA_A, LORA_B):
+            continue
+        if len(path) < 2:
+            raise ValueError(
+                f"modules_to_save leaf {path[0]!r} is a top-level buffer, which PEFT cannot save as a module; "
+                "export a merged model instead (lora_jax.export.export_merged)"
+            )
+        names.add(path[-2])
+    return sorted(names)
+
+
+def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str, np.ndarray]:
+    """Our adapter leaves -> PEFT's state-dict names and layouts (float32)."""
+    flat = traverse_util.flatten_dict(dict(adapter_params(params_or_adapter, config)))
+    out = {}
+    for path, value in flat.items():
+        value = np.asarray(value, np.float32)
+        if path[-1] in (LORA_A, LORA_B):
+            name = "lora_A" if path[-1] == LORA_A else "lora_B"
+            out[f"{PREFIX}{'.'.join(path[:-1])}.{name}.weight"] = np.ascontiguousarray(value.T)
+        else:
+            out[PREFIX + torch_key(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    return out
+
+
+def peft_config(config: LoraConfig, base_model_name_or_path: str, modules_to_save: list[str] | None = None) -> dict:
+    """adapter_config.json as PEFT 0.21 writes it for a seq2seq LoRA."""
+    return {
+        "alpha_pattern": {_peft_pattern(k): v for k, v in config.alpha_pattern},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "ensure_weight_tying": False,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True if config.init == "kaiming_uniform" else "gaussian",
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
+        "lora_bias": False,
+        "lora_dropout": config.dropout,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": modules_to_save or None,
+        "peft_type": "LORA",
+        "qalora_group_size": 16,
+        "r": config.rank,
+        "rank_pattern": {_peft_pattern(k): v for k, v in config.rank_pattern},
+        "revision": None,
+        "target_modules": _peft_targets(config.targets),
+        "task_type": "SEQ_2_SEQ_LM",
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": config.use_rslora,
+    }
+
+
+def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, base_model_name_or_path: str) -> str:
+    """Writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads."""
+    from safetensors.numpy import save
+
+    state = peft_state_dict(params_or_adapter, config)
+    flat = traverse_util.flatten_dict(dict(adapter_params(params_or_adapter, config)))
+    cfg = peft_config(config, base_model_name_or_path, _saved_modules(flat, config))
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True))
+    return directory
+
+
+def _leaf_name(module: str, torch_leaf: str) -> str:
+    """Flax leaf name of a PyTorch parameter (modules_to_save), from the module's name."""
+    if torch_leaf == "bias":
+        return "bias"
+    if "norm" in module:
+        return "scale"
+    if "embed" in module or module == "shared":
+        return "embedding"
+    return "kernel"
+
+
+def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
+    """A LoraConfig from a PEFT adapter_config.json dict; clear errors for what we do not support."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"peft_type {cfg.get('peft_type')!r} is not LoRA")
+    for key, allowed in _UNSUPPORTED.items():
+        if cfg.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"PEFT adapter uses {key}={cfg[key]!r}, which lora_jax does not support")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapter trains biases (bias={cfg['bias']!r}); lora_jax supports bias='none' only")
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):  # PEFT full-matches a regex against dotted names
+        targets = (_our_pattern(targets),)
+    init = cfg.get("init_lora_weights", True)
+    return LoraConfig(
+        rank=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        targets=tuple(targets),
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        rank_pattern={_our_pattern(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
+        alpha_pattern={_our_pattern(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        modules_to_save=tuple(cfg.get("modules_to_save") or ()),
+        init="gaussian" if init == "gaussian" else "kaiming_uniform",
+    )
+
+
+def import_peft(directory: str) -> tuple[dict, LoraConfig]:
+    """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig)."""
+    from safetensors.numpy import load_file
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
+    with open(config_path) as f:
+        config = lora_config_from_peft(json.load(f))
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.exists(weights):
+        state = load_file(weights)
+    elif os.path.exists(os.path.join(directory, "adapter_model.bin")):
+        import torch  # only for old PEFT adapters saved with torch.save
+
+        state = {k: v.float().numpy() for k, v in torch.load(os.path.join(directory, "adapter_model.bin"), weights_only=True).items()}
+    else:
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
+    flat = {}
+    for key, value in state.items():
+        name = key.removeprefix(PREFIX)
+        parts = name.split(".")
+        value = np.asarray(value, np.float32)
+        if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
+            leaf = LORA_A if parts[-2] == "lora_A" else LORA_B
+            flat[tuple(parts[:-2]) + (leaf,)] = value.T
+        elif "lora_" in name:
+            raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B weights are supported)")
+        else:  # a modules_to_save parameter under its PyTorch name
+            leaf = _leaf_name(parts[-2] if len(parts) > 1 else "", parts[-1])
+            flat[tuple(parts[:-1]) + (leaf,)] = value.T if leaf == "kernel" else value
+    return traverse_util.unflatten_dict(flat), config
