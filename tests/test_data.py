@@ -43,7 +43,7 @@ def test_tokenize_drops_empty_rows_and_truncates(data_cfg, tokenizer):
 
 def test_missing_column_lists_the_columns(data_cfg, tokenizer):
     bad = dataclasses.replace(data_cfg, target_column="abstract")
-    with pytest.raises(ValueError, match=r"no column 'abstract'; its columns are \['doc', 'summary'\]"):
+    with pytest.raises(ValueError, match=r"data.target_column: the dataset has no column 'abstract'; its columns are \['doc', 'summary'\]"):
         tokenize(load_splits(bad)["train"], tokenizer, bad)
 
 

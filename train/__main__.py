@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 
 from train.config import ConfigError, load_config
@@ -24,7 +25,13 @@ def main(argv=None) -> int:
         return 2
     from train.train import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError, OSError) as e:  # bad data, checkpoint or adapter: say what, not where
+        if os.environ.get("LORA_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}\n(set LORA_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "eval_loss",
                                                   "rouge_before", "rouge_after", "trainable_params", "saved")}, default=float))
     return 0

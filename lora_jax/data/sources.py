@@ -43,23 +43,18 @@ def load_splits(data_cfg) -> dict[str, Any]:
         name = getattr(data_cfg, f"{split}_split")
         try:
             out[split] = datasets.load_dataset(data_cfg.dataset, data_cfg.dataset_config, split=name)
-        except ValueError as e:  # unknown split name: tell which exist
-            if "Unknown split" in str(e) or "split" in str(e).lower():
-                if split == "train":
-                    raise
-                log.warning("dataset %s has no split %r: skipping %s", data_cfg.dataset, name, split)
-            else:
+        except ValueError:  # datasets raises ValueError for a split the dataset does not have
+            if split == "train":
                 raise
+            log.warning("dataset %s has no split %r: no %s data", data_cfg.dataset, name, split)
     return out
 
 
-def check_columns(dataset, columns: list[str], where: str = "dataset") -> None:
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"{where} has no column {missing[0]!r}; its columns are {dataset.column_names}. "
-            "Set data.source_column / data.target_column to the right names."
-        )
+def check_columns(dataset, columns: dict[str, str]) -> None:
+    """columns: {config key: column name}; raises naming the key, the column and the columns that exist."""
+    for key, column in columns.items():
+        if column not in dataset.column_names:
+            raise ValueError(f"{key}: the dataset has no column {column!r}; its columns are {dataset.column_names}")
 
 
 def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | None = None):
@@ -70,7 +65,7 @@ def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | Non
     denoise = data_cfg.objective == "denoising"
     src_col = data_cfg.source_column
     tgt_col = src_col if denoise else data_cfg.target_column
-    check_columns(dataset, [src_col, tgt_col])
+    check_columns(dataset, {"data.source_column": src_col, "data.target_column" if not denoise else "data.source_column": tgt_col})
     before = len(dataset)
 
     def non_empty(batch):
