@@ -117,7 +117,8 @@ def put_sharded(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
-def load_pretrained_sharded(path_or_hub_id: str, mesh: Mesh, dtype=None, shard_params: bool = True):
+def load_pretrained_sharded(path_or_hub_id: str, mesh: Mesh, dtype=None, shard_params: bool = True,
+                            min_size: int = MIN_SHARD_SIZE):
     """`lora_jax.load_pretrained` straight into the mesh: weights are read into host memory once and each device gets
     only its shard. Returns (model, params, shardings)."""
     import jax.numpy as jnp
@@ -130,7 +131,7 @@ def load_pretrained_sharded(path_or_hub_id: str, mesh: Mesh, dtype=None, shard_p
     directory = _resolve(str(path_or_hub_id))
     config = BartConfig.from_pretrained(directory)
     host = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), read_params(directory, config))
-    shardings = tree_shardings(host, mesh, shard_params)
+    shardings = tree_shardings(host, mesh, shard_params, min_size)
     model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
     return model, put_sharded(host, shardings), shardings
 

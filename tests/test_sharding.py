@@ -44,6 +44,12 @@ def test_fsdp4_holds_a_quarter_of_the_frozen_weights_per_device(trained):
     assert "fsdp" in r["frozen_specs_sample"]
 
 
+def test_checkpoint_loads_straight_into_its_sharding(trained):
+    r = trained[1]["sharded_load"]
+    assert r["max_diff"] == 0.0
+    assert max(r["bytes_per_device"]) <= 0.27 * r["total"]  # each device received only its shard
+
+
 def test_checkpoint_saved_on_8_devices_restores_on_1_and_back(trained):
     out, _ = trained
     on_one = _worker(1, "restore", out / "ckpt8", out / "expected.npz", 1, 1, out / "ckpt1")
