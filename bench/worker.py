@@ -1,0 +1,66 @@
+"""One benchmark system in this process (the runner starts one such child per system, so each peak-memory
+reading belongs to one system alone).
+
+    python -m bench.worker SYSTEM --spec '{"model": "tiny", ...}' [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import sys
+
+from bench.common import BenchSpec, emit
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """A benchmark: where its function lives, the optional packages it needs, and what it measures."""
+
+    module: str
+    function: str
+    requires: tuple[str, ...]
+    what: str
+
+    def missing(self) -> list[str]:
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
+
+
+# The runner's default order: the matmul reference first, then each training pair, then inference and sizes.
+SYSTEMS: dict[str, System] = {
+    "matmul": System("bench.jax_bench", "bench_matmul", (), "jitted n x n fp32 matmul (the machine's reference rate)"),
+    "jax_lora": System("bench.jax_bench", "bench_lora_train", (), "lora_jax LoRA train step"),
+    "peft_lora": System("bench.torch_bench", "bench_peft_train", ("torch", "peft"), "PEFT LoRA train step (PyTorch)"),
+    "jax_full": System("bench.jax_bench", "bench_full_train", (), "lora_jax full fine-tuning train step"),
+    "torch_full": System("bench.torch_bench", "bench_full_train", ("torch",), "PyTorch full fine-tuning train step"),
+    "jax_forward": System("bench.jax_bench", "bench_forward", (), "forward latency: base, merged, unmerged adapters"),
+    "jax_generate": System("bench.jax_bench", "bench_generate", (), "lora_jax beam-search generation"),
+    "torch_generate": System("bench.torch_bench", "bench_generate", ("torch",), "transformers PyTorch generate"),
+    "checkpoint": System("bench.jax_bench", "bench_checkpoint", (), "adapter vs full checkpoint bytes"),
+}
+
+
+def run_system(name: str, spec: BenchSpec) -> dict:
+    """The JSON record of system `name` on `spec` (imports only that system's framework)."""
+    system = SYSTEMS[name]
+    missing = system.missing()
+    if missing:
+        raise ImportError(f"system {name!r} needs {missing}: pip install 'lora_jax[torch]'")
+    record = getattr(importlib.import_module(system.module), system.function)(spec)
+    record.pop("system", None)
+    return {"system": name, "status": "ok", **spec.describe(), **record}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("system", choices=sorted(SYSTEMS))
+    parser.add_argument("--spec", default="{}", help="BenchSpec as JSON (default: the tiny model's defaults)")
+    parser.add_argument("--out", default=None, help="append the JSON line to this file instead of printing it")
+    args = parser.parse_args(argv)
+    emit(run_system(args.system, BenchSpec.from_json(args.spec)), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
