@@ -58,9 +58,9 @@ def _resolve(path_or_hub_id: str) -> str:
         local = snapshot_download(path_or_hub_id, allow_patterns=patterns)
     except Exception as e:  # the hub raises many types; all mean "could not get it"
         raise OSError(
-            f"could not download {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Without network, pass a local checkpoint directory instead (config.json + model.safetensors or "
-            "flax_model.msgpack)."
+            f"{path_or_hub_id!r} is not a local directory, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}). Check the path, or without network pass a local "
+            "checkpoint directory (config.json + model.safetensors or flax_model.msgpack)."
         ) from e
     if not any(os.path.exists(os.path.join(local, f)) for f in (SAFE_WEIGHTS, SAFE_INDEX, FLAX_WEIGHTS)):
         local = snapshot_download(path_or_hub_id, allow_patterns=patterns + [TORCH_WEIGHTS])

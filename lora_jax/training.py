@@ -95,6 +95,7 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     jit: bool = True,
     shardings: tuple | None = None,
+    dropout_rng_impl: str | None = "unsafe_rbg",
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """Returns `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -118,6 +119,8 @@ def make_train_step(
 
     def update(step, trainable, opt_state, frozen, batch, rng, tx):
         rng = jax.random.fold_in(rng, step)
+        if dropout_rng_impl is not None:
+            rng = jax.random.key(jax.random.bits(rng, (), jnp.uint32), impl=dropout_rng_impl)
         micro = _split_micro(batch, grad_accum_steps)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
         scalar = jnp.zeros((), jnp.float32)
