@@ -216,6 +216,20 @@ class _LayerStack(nn.Module):
         self.layers = [self.layer_cls(self.config, self.dtype, self.param_dtype, name=str(i)) for i in range(self.num_layers)]
 
 
+def _embedding_modules(stack: nn.Module):
+    """Learned positions (max_position_embeddings + 2 rows), layernorm_embedding and dropout of an encoder/decoder;
+    assigned in the caller's setup so they keep the names embed_positions / layernorm_embedding."""
+    c = stack.config
+    positions = nn.Embed(
+        c.max_position_embeddings + POSITION_OFFSET,
+        c.d_model,
+        embedding_init=nn.initializers.normal(c.init_std),
+        dtype=stack.dtype,
+        param_dtype=stack.param_dtype,
+    )
+    return positions, _layer_norm(stack.dtype, stack.param_dtype, None), nn.Dropout(c.dropout)
+
+
 class BartEncoder(nn.Module):
     config: BartConfig
     embed_tokens: nn.Embed
@@ -223,17 +237,8 @@ class BartEncoder(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        c = self.config
-        self.embed_positions = nn.Embed(
-            c.max_position_embeddings + POSITION_OFFSET,
-            c.d_model,
-            embedding_init=nn.initializers.normal(c.init_std),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
-        self.layers = _LayerStack(c, BartEncoderLayer, c.encoder_layers, self.dtype, self.param_dtype)
-        self.dropout = nn.Dropout(c.dropout)
+        self.embed_positions, self.layernorm_embedding, self.dropout = _embedding_modules(self)
+        self.layers = _LayerStack(self.config, BartEncoderLayer, self.config.encoder_layers, self.dtype, self.param_dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
         """input_ids, attention_mask (B, S) -> last hidden state (B, S, D)."""
@@ -257,17 +262,8 @@ class BartDecoder(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        c = self.config
-        self.embed_positions = nn.Embed(
-            c.max_position_embeddings + POSITION_OFFSET,
-            c.d_model,
-            embedding_init=nn.initializers.normal(c.init_std),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
-        self.layers = _LayerStack(c, BartDecoderLayer, c.decoder_layers, self.dtype, self.param_dtype)
-        self.dropout = nn.Dropout(c.dropout)
+        self.embed_positions, self.layernorm_embedding, self.dropout = _embedding_modules(self)
+        self.layers = _LayerStack(self.config, BartDecoderLayer, self.config.decoder_layers, self.dtype, self.param_dtype)
 
     def cross_kv(self, encoder_hidden: Array) -> list[tuple[Array, Array]]:
         return [layer.cross_kv(encoder_hidden) for layer in self.layers.layers]
