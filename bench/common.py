@@ -7,6 +7,7 @@ into its peak-memory reading, nor a JAX child torch's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -155,6 +156,25 @@ def make_batch(spec: BenchSpec) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- timing
+
+
+def time_train_steps(one_step: Callable[[], Any], steps: int, warmup: int, phase, around_first=None):
+    """The one timing protocol every framework's training step goes through, so rows compare like for like: the
+    first step (inside `around_first`, e.g. JAX's compile-time listener), `warmup - 1` more untimed steps, then
+    `steps` timed ones in a new memory phase.
+
+    Returns (first step s, median s, timed s, steady memory phase, what `around_first` yielded or None)."""
+    from bench.memory import start_phase
+
+    with around_first if around_first is not None else contextlib.nullcontext() as entered:
+        t0 = time.perf_counter()
+        one_step()
+        first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        one_step()
+    steady = start_phase(phase)
+    median, times = median_time(one_step, steps)
+    return first, median, times, steady, entered
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:

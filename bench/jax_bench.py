@@ -17,7 +17,9 @@ import optax
 from flax import traverse_util
 
 import lora_jax
-from bench.common import BenchSpec, ids_digest, interleaved_median_times, make_batch, median_time, random_leaves
+from bench.common import (
+    BenchSpec, ids_digest, interleaved_median_times, make_batch, median_time, random_leaves, time_train_steps,
+)
 from bench.memory import memory_fields, start_phase
 from lora_jax.checkpoint_io import expected_shapes
 from lora_jax.generation import GenerationConfig, generate_padded
@@ -111,14 +113,7 @@ def bench_train(spec: BenchSpec, full_finetune: bool) -> dict[str, Any]:
         jax.block_until_ready((state.trainable, state.opt_state))  # the update too, not just the loss
         losses.append(float(metrics["loss"]))
 
-    with compile_seconds() as compiling:
-        t0 = time.perf_counter()
-        one_step()
-        first = time.perf_counter() - t0
-    for _ in range(max(spec.warmup - 1, 0)):
-        one_step()
-    steady = start_phase(phase)
-    median, times = median_time(one_step, spec.steps)
+    first, median, times, steady, compiling = time_train_steps(one_step, spec.steps, spec.warmup, phase, compile_seconds())
     return {
         **backend_fields(),
         "kind": "train",

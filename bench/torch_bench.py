@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import transformers
 
-from bench.common import BenchSpec, cpu_count, ids_digest, leaf_values, make_batch, median_time
+from bench.common import BenchSpec, cpu_count, ids_digest, leaf_values, make_batch, median_time, time_train_steps
 from bench.memory import memory_fields, start_phase
 
 TIED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
@@ -132,13 +132,7 @@ def bench_train(spec: BenchSpec, lora: bool) -> dict[str, Any]:
         synchronize()
 
     phase = start_phase()
-    t0 = time.perf_counter()
-    one_step()
-    first = time.perf_counter() - t0
-    for _ in range(max(spec.warmup - 1, 0)):
-        one_step()
-    steady = start_phase(phase)
-    median, times = median_time(one_step, spec.steps)
+    first, median, times, steady, _ = time_train_steps(one_step, spec.steps, spec.warmup, phase)
     memory = memory_fields(phase, steady, device_peak_bytes())
     flops = step_flops(model, batch)  # after the memory reading: counting is not part of training
     record = {
