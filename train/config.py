@@ -180,25 +180,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads '3e-4' as a string
-    return key.strip(), value
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
+    return key.strip(), _fix_numbers(yaml.safe_load(raw) if raw.strip() else None)
 
 
 def _fix_numbers(tree: Any) -> Any:
+    """YAML 1.1 reads '3e-4' (no dot) as a string: turn strings that are numbers written with digits into floats,
+    in files and overrides alike ('inf' or 'nan' stay strings)."""
     if isinstance(tree, dict):
         return {k: _fix_numbers(v) for k, v in tree.items()}
-    if isinstance(tree, str) and _looks_numeric(tree) and any(c in tree for c in "eE.") and not tree.strip().isalpha():
-        return float(tree)
+    if isinstance(tree, str) and any(c.isdigit() for c in tree):
+        try:
+            return float(tree)
+        except ValueError:
+            return tree
     return tree
 
 
