@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, adapter_params, split_trainable
+from lora_jax.lora.transform import ADAPTER_LEAVES, adapter_params, flatten_paths, split_trainable
 
 META = "adapter_meta.json"
 FORMAT = "lora_jax.adapter/1"
@@ -34,14 +34,10 @@ class AdapterMismatchError(ValueError):
     """An adapter whose leaves do not fit the base parameters it is loaded onto."""
 
 
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-
-
 def base_fingerprint(base_params: Mapping) -> dict:
     """Shapes of every base leaf (adapters excluded) plus a SHA-256 of a few frozen tensors' bytes: enough to tell
     "another model" (shapes) from "same architecture, other weights" (hash)."""
-    flat = {k: v for k, v in _flat(base_params).items() if k.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
+    flat = {k: v for k, v in flatten_paths(base_params).items() if k.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
     shapes = {k: list(np.shape(v)) for k, v in sorted(flat.items())}
     digest = hashlib.sha256()
     kernels = [k for k in sorted(flat) if k.endswith("/kernel")][:2]
@@ -73,7 +69,7 @@ def save_adapter(
         "lora_config": config.to_dict(),
         "base_model": str(base_model),
         "base_fingerprint": base_fingerprint(base),
-        "leaves": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in _flat(adapter).items()},
+        "leaves": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in flatten_paths(adapter).items()},
     }
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
@@ -103,9 +99,9 @@ def save_adapter(
 def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
     """Raises AdapterMismatchError naming the first leaf whose shape does not fit the base (lora_a must be
     (kernel_in, r), lora_b (r, kernel_out), a modules_to_save leaf the base leaf's shape)."""
-    base = _flat(base_params)
+    base = flatten_paths(base_params)
     problems = []
-    for key, value in _flat(adapter).items():
+    for key, value in flatten_paths(adapter).items():
         module, _, leaf = key.rpartition("/")
         shape = tuple(np.shape(value))
         if leaf in ADAPTER_LEAVES:

@@ -37,6 +37,11 @@ def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def flatten_paths(tree: Mapping) -> dict[str, Any]:
+    """{'/'-joined path: leaf} of a nested params-like tree."""
+    return {path_str(k): v for k, v in _flat(tree).items()}
+
+
 def kernel_modules(params: Mapping) -> dict[str, tuple[int, ...]]:
     """{module path: kernel shape} for every module holding a `kernel` leaf."""
     return {path_str(p[:-1]): tuple(np.shape(v)) for p, v in _flat(params).items() if p[-1] == "kernel"}
