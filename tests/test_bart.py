@@ -199,3 +199,50 @@ def test_bart_base_config_builds_and_runs_forward():
     ids = jnp.full((1, 16), 5, jnp.int32)
     logits = jax.jit(model.apply)({"params": params}, ids, jnp.ones_like(ids), ids[:, :8])
     assert logits.shape == (1, 8, 50265) and np.isfinite(logits).all()
+
+
+def test_beams_share_one_row_of_cross_attention_keys(loaded, ref):
+    """init_cache(..., num_beams=G) keeps one cross-attention row per input; decoding G hypotheses per input against
+    it gives what decoding against G copies of the encoder output gives."""
+    model, params = loaded
+    v, beams = {"params": params}, 3
+    mask = ref["attention_mask"]
+    enc = model.apply(v, ref["input_ids"], mask, method="encode")
+    shared = model.apply(v, enc, 8, beams, method="init_cache")
+    copied = model.apply(v, jnp.repeat(enc, beams, axis=0), 8, method="init_cache")
+    assert shared[0]["cross"][0].shape[0] == enc.shape[0]
+    assert shared[0]["self"]["k"].shape == copied[0]["self"]["k"].shape
+    tokens = jnp.repeat(ref["decoder_input_ids"][:, :2], beams, axis=0)
+    tokens = tokens.at[:, 1].set((tokens[:, 1] + jnp.arange(len(tokens))) % model.config.vocab_size)  # differ per beam
+    for jit in (False, True):
+        decode = lambda tok, c, m: model.apply(v, tok, None, m, cache=c, method="decode")
+        decode = jax.jit(decode) if jit else decode
+        a, b = (shared, mask), (copied, jnp.repeat(mask, beams, axis=0))
+        for t in range(2):
+            la, ca = decode(tokens[:, t : t + 1], *a)
+            lb, cb = decode(tokens[:, t : t + 1], *b)
+            chex.assert_trees_all_close(la, lb, atol=1e-5, rtol=0)
+            a, b = (ca, a[1]), (cb, b[1])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_keeps_params_loss_and_gradients(loaded, ref, policy):
+    """Rematerialised layers compute the same loss and gradients (dropout masks included) under the same names."""
+    model, params = loaded
+    remat = model.clone(remat=policy)
+
+    def loss(m, p):
+        logits = m.apply({"params": p}, ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"],
+                         deterministic=False, rngs={"dropout": jax.random.key(3)})
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    assert jax.tree_util.tree_structure(init_params(remat, jax.random.key(0))) == jax.tree_util.tree_structure(params)
+    expected = jax.value_and_grad(loss, argnums=1)(model, params)
+    got = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(remat, params)
+    chex.assert_trees_all_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_remat_policy_names_the_choices(loaded, ref):
+    model, params = loaded
+    with pytest.raises(ValueError, match="remat='dot' is not a policy.*'dots'"):
+        model.clone(remat="dot").apply({"params": params}, ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])

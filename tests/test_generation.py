@@ -70,7 +70,7 @@ def test_cached_decoding_matches_full_decoding(tiny, ref):
         return full, jnp.swapaxes(stepped, 0, 1)
 
     full, stepped = both(ref["input_ids"])
-    chex.assert_trees_all_close(stepped, full, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(stepped, full, atol=1e-5, rtol=1e-5)  # float32 reassociation on logits up to ~10
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])

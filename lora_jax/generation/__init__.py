@@ -121,7 +121,8 @@ def generate(
     """Generates ids (B, L) int32 for input_ids / attention_mask (B, S), as transformers' `generate` returns them.
 
     model: a BartForConditionalGeneration or a LoraModel around one (anything whose `apply` takes the method names
-      "encode", "init_cache", "decode", and that has `.config`). params: its parameter tree (or {'params': tree}).
+      "encode", "init_cache" (with num_beams) and "decode", and that has `.config`). params: its parameter tree (or
+      {"params": tree}).
     Settings left as None come from `generation_config` (a GenerationConfig or a dict, e.g.
     `load_generation_config(checkpoint_dir)`), else from the model's config. To switch forced_bos/forced_eos off
     when the config sets them, pass a generation_config holding them as None (an explicit None argument here means

@@ -18,13 +18,12 @@ from lora_jax.generation.processors import process_scores
 NEG = -1.0e9  # transformers' "very negative" score for impossible beams
 
 
-def _encode_and_cache(model, params, input_ids, attention_mask, expand: int, length: int):
+def _encode_and_cache(model, params, input_ids, attention_mask, beams: int, length: int):
+    """Encodes once; the cross-attention keys/values stay one row per input, shared by its `beams` hypotheses
+    (the decoder folds the beams into the query axis), so they are neither copied nor re-read per beam."""
     variables = {"params": params}
     encoded = model.apply(variables, input_ids, attention_mask, method="encode")
-    if expand > 1:
-        encoded = jnp.repeat(encoded, expand, axis=0)
-        attention_mask = jnp.repeat(attention_mask, expand, axis=0)
-    cache = model.apply(variables, encoded, length, method="init_cache")
+    cache = model.apply(variables, encoded, length, beams, method="init_cache")
     return attention_mask, cache
 
 
@@ -64,8 +63,8 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
 def _reorder_cache(cache, flat_index: jax.Array):
     """Gathers every batched leaf of each layer's self-attention cache by hypothesis (flat_index (B*K,)).
 
-    Cross-attention K/V are left alone: all beams of one input share them, and beams never move between inputs, so
-    gathering them would only copy identical rows (a large copy per step for long sources)."""
+    Cross-attention K/V are left alone: they hold one row per input, shared by all of its beams, and beams never
+    move between inputs."""
     gather = lambda x: x[flat_index] if x.ndim else x
     return [{**layer, "self": jax.tree_util.tree_map(gather, layer["self"])} for layer in cache]
 

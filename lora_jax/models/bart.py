@@ -101,6 +101,8 @@ class BartAttention(nn.Module):
 
         `self_cache` = {'k', 'v': (B, L, H, Dh), 'index': ()} holds past self-attention keys/values; the new ones
         are written at `index` and attention runs over all L slots (the bias masks the unwritten ones).
+        `cached_kv` may hold fewer rows than `hidden`, (B / G, Tk, H, Dh): then each group of G consecutive rows of
+        `hidden` (the beams of one input) attends to one row of keys/values, and `bias` is (B / G, 1, 1, Tk).
         """
         head_dim = self.config.d_model // self.num_heads
         q = self._split(self.q_proj(hidden)) * (head_dim**-0.5)
@@ -108,6 +110,10 @@ class BartAttention(nn.Module):
             k, v = cached_kv
         else:
             k, v = self.project_kv(hidden if kv_states is None else kv_states)
+        if k.shape[0] != q.shape[0]:
+            # Beams share their input's keys/values: fold the G beams into the query axis, so one (G*Tq, Tk)
+            # attention per input reads the keys/values once instead of G times.
+            q = q.reshape((k.shape[0], -1) + q.shape[2:])
         if self_cache is not None:
             idx = self_cache["index"]
             k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, idx, 0, 0))
@@ -203,17 +209,42 @@ class BartDecoderLayer(nn.Module):
         return hidden, new_cache
 
 
+# Rematerialisation policies by name: what a layer keeps for the backward pass; the rest is recomputed there.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input: least memory, +1 forward
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute softmax/GELU/LayerNorm/dropout
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also recompute attention matmuls
+}
+# Index of `deterministic` in each layer's __call__, counting self (it must be static under remat).
+_DETERMINISTIC_ARG = {"BartEncoderLayer": 3, "BartDecoderLayer": 6}
+
+
+def remat_policy(name: str | None):
+    if name is None:
+        return None
+    try:
+        return REMAT_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"remat={name!r} is not a policy; use None or one of {sorted(REMAT_POLICIES)}") from None
+
+
 class _LayerStack(nn.Module):
-    """Holds layers named '0', '1', ... so the tree reads `layers/0/...` as in transformers."""
+    """Holds layers named '0', '1', ... so the tree reads `layers/0/...` as in transformers. With `remat` set, each
+    layer is wrapped in `nn.remat` (same parameter names), so its activations are recomputed in the backward pass."""
 
     config: BartConfig
     layer_cls: Any
     num_layers: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str | None = None
 
     def setup(self):
-        self.layers = [self.layer_cls(self.config, self.dtype, self.param_dtype, name=str(i)) for i in range(self.num_layers)]
+        layer_cls = self.layer_cls
+        if self.remat is not None:
+            static = (_DETERMINISTIC_ARG[layer_cls.__name__],)
+            layer_cls = nn.remat(layer_cls, static_argnums=static, policy=remat_policy(self.remat))
+        self.layers = [layer_cls(self.config, self.dtype, self.param_dtype, name=str(i)) for i in range(self.num_layers)]
 
 
 def _embedding_modules(stack: nn.Module):
@@ -235,10 +266,13 @@ class BartEncoder(nn.Module):
     embed_tokens: nn.Embed
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str | None = None
 
     def setup(self):
         self.embed_positions, self.layernorm_embedding, self.dropout = _embedding_modules(self)
-        self.layers = _LayerStack(self.config, BartEncoderLayer, self.config.encoder_layers, self.dtype, self.param_dtype)
+        self.layers = _LayerStack(
+            self.config, BartEncoderLayer, self.config.encoder_layers, self.dtype, self.param_dtype, self.remat
+        )
 
     def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
         """input_ids, attention_mask (B, S) -> last hidden state (B, S, D)."""
@@ -251,7 +285,7 @@ class BartEncoder(nn.Module):
         hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
         bias = padding_bias(attention_mask)
         for layer in self.layers.layers:
-            hidden = layer(hidden, bias, deterministic=deterministic)
+            hidden = layer(hidden, bias, deterministic)  # positional: a static argument under remat
         return hidden
 
 
@@ -260,10 +294,13 @@ class BartDecoder(nn.Module):
     embed_tokens: nn.Embed
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str | None = None
 
     def setup(self):
         self.embed_positions, self.layernorm_embedding, self.dropout = _embedding_modules(self)
-        self.layers = _LayerStack(self.config, BartDecoderLayer, self.config.decoder_layers, self.dtype, self.param_dtype)
+        self.layers = _LayerStack(
+            self.config, BartDecoderLayer, self.config.decoder_layers, self.dtype, self.param_dtype, self.remat
+        )
 
     def cross_kv(self, encoder_hidden: Array) -> list[tuple[Array, Array]]:
         return [layer.cross_kv(encoder_hidden) for layer in self.layers.layers]
@@ -309,6 +346,7 @@ class BartModule(nn.Module):
     config: BartConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str | None = None
 
     def setup(self):
         c = self.config
@@ -319,8 +357,8 @@ class BartModule(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        self.encoder = BartEncoder(c, self.shared, self.dtype, self.param_dtype)
-        self.decoder = BartDecoder(c, self.shared, self.dtype, self.param_dtype)
+        self.encoder = BartEncoder(c, self.shared, self.dtype, self.param_dtype, self.remat)
+        self.decoder = BartDecoder(c, self.shared, self.dtype, self.param_dtype, self.remat)
 
 
 class BartForConditionalGeneration(nn.Module):
@@ -331,14 +369,20 @@ class BartForConditionalGeneration(nn.Module):
       encode(input_ids, attention_mask) -> (B, S, D)
       decode(decoder_input_ids, encoder_hidden, encoder_attention_mask, ...) -> (logits (B, T, V), cache)
       init_cache(encoder_hidden, max_length) -> cache for `decode`
+
+    remat: None, or a REMAT_POLICIES name ('full', 'dots', 'dots_no_batch'): every encoder/decoder layer is
+    rematerialised with that policy in training, trading recomputation for activation memory (e.g.
+    `model.clone(remat="dots")`). Parameters and outputs are unchanged.
     """
 
     config: BartConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str | None = None
 
     def setup(self):
-        self.model = BartModule(self.config, self.dtype, self.param_dtype)
+        remat_policy(self.remat)  # a clear error for an unknown name
+        self.model = BartModule(self.config, self.dtype, self.param_dtype, self.remat)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, self.config.vocab_size), self.param_dtype)
 
     def encode(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
@@ -362,11 +406,12 @@ class BartForConditionalGeneration(nn.Module):
         )
         return self.lm_logits(hidden), cache
 
-    def init_cache(self, encoder_hidden: Array, max_length: int) -> list:
+    def init_cache(self, encoder_hidden: Array, max_length: int, num_beams: int = 1) -> list:
         """A decoding cache for up to `max_length` decoder tokens: per layer, zeroed self-attention keys/values
-        (B, L, H, Dh) and the cross-attention keys/values of `encoder_hidden`, computed once."""
+        (B * num_beams, L, H, Dh) and the cross-attention keys/values of `encoder_hidden` (B, S, D), computed once
+        and shared by the num_beams consecutive hypotheses of each input (decode then takes the (B, S) mask)."""
         c = self.config
-        batch = encoder_hidden.shape[0]
+        batch = encoder_hidden.shape[0] * num_beams
         heads = c.decoder_attention_heads
         shape = (batch, max_length, heads, c.d_model // heads)
         zeros = jnp.zeros(shape, self.dtype)
