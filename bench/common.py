@@ -49,6 +49,7 @@ class BenchSpec:
     (applied identically on both sides; attention/activation dropout too). lora_dropout: PEFT `lora_dropout` and
     LoraConfig.dropout. num_beams / max_new_tokens: beam-search settings (max_new_tokens None = target_len).
     torch_threads: torch.set_num_threads (None = every core this process may use).
+    remat: the lora_jax model's rematerialisation policy in both JAX training systems (None = off).
     """
 
     model: str = "tiny"
@@ -70,6 +71,7 @@ class BenchSpec:
     matmul_size: int = 2048
     torch_threads: int | None = None
     seed: int = 0
+    remat: str | None = "dots"
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -81,6 +83,9 @@ class BenchSpec:
         for name in ("batch", "source_len", "target_len", "steps", "repeats", "gen_repeats", "rank", "num_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.remat not in (None, "dots", "dots_no_batch", "full"):  # lora_jax.models.bart.REMAT_POLICIES (not
+            # imported: torch children must not load JAX)
+            raise ValueError(f"--remat must be none, dots, dots_no_batch or full, got {self.remat!r}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first JAX step compiles, so it is never timed), got {self.warmup}")
         limit = self.model_fields()["max_position_embeddings"]
@@ -166,10 +171,13 @@ def time_train_steps(one_step: Callable[[], Any], steps: int, warmup: int, phase
     Returns (first step s, median s, timed s, steady memory phase, what `around_first` yielded or None)."""
     from bench.memory import start_phase
 
+    from lora_jax.runtime import release_host_memory
+
     with around_first if around_first is not None else contextlib.nullcontext() as entered:
         t0 = time.perf_counter()
         one_step()
         first = time.perf_counter() - t0
+    release_host_memory()  # as `python -m train` does after a compilation; a no-op for eager PyTorch's heap
     for _ in range(max(warmup - 1, 0)):
         one_step()
     steady = start_phase(phase)

@@ -93,6 +93,7 @@ def step_flops(model, lora: lora_jax.LoraConfig | None, state, batch, rng) -> fl
 def bench_train(spec: BenchSpec, full_finetune: bool) -> dict[str, Any]:
     """Median step time of `make_train_step` (AdamW, weight decay 0, dropout on) after `warmup` steps."""
     model, params = build_model(spec)
+    model = model.clone(remat=spec.remat)
     lora = None if full_finetune else lora_config(spec)
     if lora is not None:
         params = lora_jax.init_lora(params, lora, jax.random.PRNGKey(spec.seed + 1))

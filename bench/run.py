@@ -129,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--remat", default="dots", help="lora_jax remat policy for both JAX training systems: dots, "
+                        "dots_no_batch, full or none (default dots: same speed, less memory)")
     parser.add_argument("--systems", nargs="+", help="subset to run, in the default order (space- or comma-separated)")
     parser.add_argument("--json-out", help="also write the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per system before it is killed")
@@ -147,6 +149,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lora_dropout=args.lora_dropout,
         dropout=args.dropout, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         matmul_size=args.matmul_size, torch_threads=args.torch_threads, seed=args.seed,
+        remat=None if args.remat == "none" else args.remat,
     )
 
 

@@ -41,6 +41,7 @@ def test_defaults_and_overrides(cfg_file):
         (["train.batch_size=6", "optim.grad_accum_steps=4"], r"divisible by optim.grad_accum_steps"),
         (["model.checkpoint=null"], r"model.init_config"),
         (["lora.dropout=1.5"], r"dropout must be in \[0, 1\)"),
+        (["model.remat=dot"], r"'model.remat' must be null or one of \['dots', 'dots_no_batch', 'full'\], got 'dot'"),
     ],
 )
 def test_bad_configs_name_the_key(cfg_file, overrides, match):

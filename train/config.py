@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from lora_jax.lora.config import LoraConfig
+from lora_jax.models.bart import REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,7 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"
     tokenizer: str | None = None  # None = the checkpoint's
     init_config: dict | None = None  # BartConfig fields for a randomly initialised model
+    remat: str | None = None  # rematerialise each layer in training: null, "dots" (same speed, less memory), "full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if cfg.model.remat is not None and cfg.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config key 'model.remat' must be null or one of {sorted(REMAT_POLICIES)}, got {cfg.model.remat!r}")
     if cfg.model.checkpoint is None and cfg.model.init_config is None:
         raise ConfigError("model.checkpoint is null: give a checkpoint (dir or hub id) or model.init_config for random init")
     if cfg.model.checkpoint is None and cfg.model.tokenizer is None:

@@ -25,6 +25,7 @@ from lora_jax import sharding
 from lora_jax.data import TrainBatches, load_splits, tokenize
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
+from lora_jax.runtime import release_host_memory
 from lora_jax.train_checkpoint import TrainCheckpointer
 from train import evaluate
 from train.config import RunConfig, config_to_dict, to_lora_config
@@ -71,10 +72,16 @@ def load_model(cfg: RunConfig, mesh):
     return model, init_params(model, jax.random.PRNGKey(cfg.train.seed))
 
 
+def with_remat(model, cfg: RunConfig):
+    """The model with cfg.model.remat's rematerialisation policy (parameters unchanged)."""
+    return model if cfg.model.remat is None else model.clone(remat=cfg.model.remat)
+
+
 def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = None) -> Run:
     """Loads model, tokenizer and data, and applies the LoRA config (fresh adapters, or `adapter_dir`'s)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp))
     model, params = load_model(cfg, mesh)
+    model = with_remat(model, cfg)
     tokenizer = lora_jax.load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
@@ -198,11 +205,15 @@ def _loop(run, cfg, state, step_fn, eval_step, batches, ckpt, metrics_log, extra
     window_tokens, window_start, last = 0, time.perf_counter(), {}
     stopped_early = False
     step = start
+    compilations = step_fn.num_compilations()
     for step in range(start + 1, cfg.train.num_steps + 1):
         batch, position = next(stream)
         if run.mesh.size > 1:
             batch = sharding.shard_batch({k: v[sharding.host_slice(len(v))] for k, v in batch.items()}, run.mesh)
         state, metrics = step_fn(state, batch, rng)
+        if step_fn.num_compilations() > compilations:  # a new bucket shape was compiled: drop the compiler's garbage
+            compilations = step_fn.num_compilations()
+            release_host_memory()
         window_tokens += int(np.asarray(batch["attention_mask"]).sum() + (np.asarray(batch["labels"]) != -100).sum())
         extra["position"] = position
         if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
