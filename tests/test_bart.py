@@ -201,10 +201,10 @@ def test_bart_base_config_builds_and_runs_forward():
     assert logits.shape == (1, 8, 50265) and np.isfinite(logits).all()
 
 
-def test_beams_share_one_row_of_cross_attention_keys(loaded, ref):
+def test_beams_share_one_row_of_cross_attention_keys(tiny, ref):
     """init_cache(..., num_beams=G) keeps one cross-attention row per input; decoding G hypotheses per input against
     it gives what decoding against G copies of the encoder output gives."""
-    model, params = loaded
+    model, params = tiny
     v, beams = {"params": params}, 3
     mask = ref["attention_mask"]
     enc = model.apply(v, ref["input_ids"], mask, method="encode")
@@ -226,9 +226,9 @@ def test_beams_share_one_row_of_cross_attention_keys(loaded, ref):
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
-def test_remat_keeps_params_loss_and_gradients(loaded, ref, policy):
+def test_remat_keeps_params_loss_and_gradients(tiny, ref, policy):
     """Rematerialised layers compute the same loss and gradients (dropout masks included) under the same names."""
-    model, params = loaded
+    model, params = tiny
     remat = model.clone(remat=policy)
 
     def loss(m, p):
@@ -242,7 +242,7 @@ def test_remat_keeps_params_loss_and_gradients(loaded, ref, policy):
     chex.assert_trees_all_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_unknown_remat_policy_names_the_choices(loaded, ref):
-    model, params = loaded
+def test_unknown_remat_policy_names_the_choices(tiny, ref):
+    model, params = tiny
     with pytest.raises(ValueError, match="remat='dot' is not a policy.*'dots'"):
         model.clone(remat="dot").apply({"params": params}, ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])

@@ -85,8 +85,10 @@ class BartAttention(nn.Module):
         return x.reshape(x.shape[:2] + (self.num_heads, -1))
 
     def project_kv(self, states: Array) -> tuple[Array, Array]:
-        """(B, T, D) -> keys, values, each (B, T, H, Dh)."""
-        return self._split(self.k_proj(states)), self._split(self.v_proj(states))
+        """(B, T, D) -> keys, values, each head-major (B, H, T, Dh): the layout the attention matmuls read, so a
+        cached key/value is laid out once, not transposed again at every decoding step."""
+        heads_first = lambda x: self._split(x).transpose(0, 2, 1, 3)
+        return heads_first(self.k_proj(states)), heads_first(self.v_proj(states))
 
     def __call__(
         self,
@@ -99,13 +101,13 @@ class BartAttention(nn.Module):
     ) -> tuple[Array, dict | None]:
         """hidden (B, Tq, D); bias broadcastable to (B, H, Tq, Tk) -> ((B, Tq, D), updated self_cache).
 
-        `self_cache` = {'k', 'v': (B, L, H, Dh), 'index': ()} holds past self-attention keys/values; the new ones
+        `self_cache` = {'k', 'v': (B, H, L, Dh), 'index': ()} holds past self-attention keys/values; the new ones
         are written at `index` and attention runs over all L slots (the bias masks the unwritten ones).
-        `cached_kv` may hold fewer rows than `hidden`, (B / G, Tk, H, Dh): then each group of G consecutive rows of
+        `cached_kv` may hold fewer rows than `hidden`, (B / G, H, Tk, Dh): then each group of G consecutive rows of
         `hidden` (the beams of one input) attends to one row of keys/values, and `bias` is (B / G, 1, 1, Tk).
         """
         head_dim = self.config.d_model // self.num_heads
-        q = self._split(self.q_proj(hidden)) * (head_dim**-0.5)
+        q = self._split(self.q_proj(hidden)) * (head_dim**-0.5)  # (B, Tq, H, Dh)
         if cached_kv is not None:
             k, v = cached_kv
         else:
@@ -116,13 +118,13 @@ class BartAttention(nn.Module):
             q = q.reshape((k.shape[0], -1) + q.shape[2:])
         if self_cache is not None:
             idx = self_cache["index"]
-            k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, idx, 0, 0))
-            v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), (0, idx, 0, 0))
+            k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, 0, idx, 0))
+            v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), (0, 0, idx, 0))
             self_cache = {"k": k, "v": v, "index": idx + hidden.shape[1]}
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+        logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1)
         weights = self.attn_dropout(weights, deterministic=deterministic).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(hidden.shape[:2] + (-1,))
+        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(hidden.shape[:2] + (-1,))
         return self.out_proj(out), self_cache
 
 
@@ -325,7 +327,7 @@ class BartDecoder(nn.Module):
         positions = start + jnp.arange(seq_len) + POSITION_OFFSET
         hidden = self.embed_tokens(decoder_input_ids) * c.embed_scale + self.embed_positions(positions)[None]
         hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
-        k_len = seq_len if cache is None else cache[0]["self"]["k"].shape[1]
+        k_len = seq_len if cache is None else cache[0]["self"]["k"].shape[2]
         self_bias = causal_bias(seq_len, k_len, start)
         if decoder_attention_mask is not None:
             self_bias = self_bias + padding_bias(decoder_attention_mask)
@@ -408,12 +410,12 @@ class BartForConditionalGeneration(nn.Module):
 
     def init_cache(self, encoder_hidden: Array, max_length: int, num_beams: int = 1) -> list:
         """A decoding cache for up to `max_length` decoder tokens: per layer, zeroed self-attention keys/values
-        (B * num_beams, L, H, Dh) and the cross-attention keys/values of `encoder_hidden` (B, S, D), computed once
+        (B * num_beams, H, L, Dh) and the cross-attention keys/values of `encoder_hidden` (B, S, D), computed once
         and shared by the num_beams consecutive hypotheses of each input (decode then takes the (B, S) mask)."""
         c = self.config
         batch = encoder_hidden.shape[0] * num_beams
         heads = c.decoder_attention_heads
-        shape = (batch, max_length, heads, c.d_model // heads)
+        shape = (batch, heads, max_length, c.d_model // heads)
         zeros = jnp.zeros(shape, self.dtype)
         return [
             {"self": {"k": zeros, "v": zeros, "index": jnp.array(0, jnp.int32)}, "cross": kv}
