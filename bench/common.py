@@ -185,6 +185,25 @@ def time_train_steps(one_step: Callable[[], Any], steps: int, warmup: int, phase
     return first, median, times, steady, entered
 
 
+def time_generate(run: Callable[[], np.ndarray], spec: "BenchSpec", around_first=None) -> dict[str, Any]:
+    """The one generation protocol both frameworks go through: a first call (inside `around_first`, e.g. JAX's
+    compile-time listener), then the median of `spec.gen_repeats` calls. `run` returns the ids as numpy.
+
+    Returns the timing fields of a generate record; `compile_s` is the sum of what `around_first` yielded, or None
+    (eager frameworks). Memory fields are the caller's (each framework reads its own device peak)."""
+    with around_first if around_first is not None else contextlib.nullcontext() as entered:
+        t0 = time.perf_counter()
+        ids = run()
+        first = time.perf_counter() - t0
+    median, times = median_time(run, spec.gen_repeats)
+    return {
+        "kind": "generate", "num_beams": spec.num_beams, "new_tokens": spec.new_tokens, "time_s": median,
+        "times_s": times, "first_call_s": first, "compile_s": None if entered is None else sum(entered),
+        "tokens_per_s": spec.batch * spec.new_tokens / median, "ids_shape": list(ids.shape),
+        "ids_digest": ids_digest(ids),
+    }
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
     """(median seconds, all timed seconds) of `fn()` over `repeats` calls after `warmup` untimed ones. `fn` must
     block until its work is done (block_until_ready / a host copy)."""

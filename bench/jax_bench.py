@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from typing import Any
 
 import jax
@@ -18,7 +17,7 @@ from flax import traverse_util
 
 import lora_jax
 from bench.common import (
-    BenchSpec, ids_digest, interleaved_median_times, make_batch, median_time, random_leaves, time_train_steps,
+    BenchSpec, interleaved_median_times, make_batch, median_time, random_leaves, time_generate, time_train_steps,
 )
 from bench.memory import memory_fields, start_phase
 from lora_jax.checkpoint_io import expected_shapes
@@ -219,18 +218,8 @@ def bench_generate(spec: BenchSpec) -> dict[str, Any]:
         return np.asarray(generate_padded(model, params, batch["input_ids"], batch["attention_mask"], generation_config=cfg))
 
     phase = start_phase()
-    with compile_seconds() as compiling:
-        t0 = time.perf_counter()
-        ids = run()
-        first = time.perf_counter() - t0
-    median, times = median_time(run, spec.gen_repeats)
-    tokens = spec.batch * spec.new_tokens
-    return {
-        "system": "jax_generate", **backend_fields(), "kind": "generate", "num_beams": spec.num_beams,
-        "new_tokens": spec.new_tokens, "time_s": median, "times_s": times, "first_call_s": first,
-        "compile_s": sum(compiling), "tokens_per_s": tokens / median, "ids_shape": list(ids.shape),
-        "ids_digest": ids_digest(ids), **memory_fields(phase, None, device_peak_bytes()),
-    }
+    timing = time_generate(run, spec, compile_seconds())
+    return {"system": "jax_generate", **backend_fields(), **timing, **memory_fields(phase, None, device_peak_bytes())}
 
 
 def _dir_bytes(directory: str) -> int:

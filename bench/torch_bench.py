@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import transformers
 
-from bench.common import BenchSpec, cpu_count, ids_digest, leaf_values, make_batch, median_time, time_train_steps
+from bench.common import BenchSpec, cpu_count, leaf_values, make_batch, time_generate, time_train_steps
 from bench.memory import memory_fields, start_phase
 
 TIED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
@@ -197,14 +196,6 @@ def bench_generate(spec: BenchSpec) -> dict[str, Any]:
         return ids.cpu().numpy()
 
     phase = start_phase()
-    t0 = time.perf_counter()
-    ids = run()
-    first = time.perf_counter() - t0
-    median, times = median_time(run, spec.gen_repeats)
-    tokens = spec.batch * spec.new_tokens
-    return {
-        "system": "torch_generate", "transformers": transformers.__version__, **backend_fields(), "kind": "generate",
-        "num_beams": spec.num_beams, "new_tokens": spec.new_tokens, "time_s": median, "times_s": times,
-        "first_call_s": first, "compile_s": None, "tokens_per_s": tokens / median, "ids_shape": list(ids.shape),
-        "ids_digest": ids_digest(ids), **memory_fields(phase, None, device_peak_bytes()),
-    }
+    timing = time_generate(run, spec)
+    return {"system": "torch_generate", "transformers": transformers.__version__, **backend_fields(), **timing,
+            **memory_fields(phase, None, device_peak_bytes())}
