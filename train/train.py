@@ -72,16 +72,11 @@ def load_model(cfg: RunConfig, mesh):
     return model, init_params(model, jax.random.PRNGKey(cfg.train.seed))
 
 
-def with_remat(model, cfg: RunConfig):
-    """The model with cfg.model.remat's rematerialisation policy (parameters unchanged)."""
-    return model if cfg.model.remat is None else model.clone(remat=cfg.model.remat)
-
-
 def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = None) -> Run:
     """Loads model, tokenizer and data, and applies the LoRA config (fresh adapters, or `adapter_dir`'s)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp))
     model, params = load_model(cfg, mesh)
-    model = with_remat(model, cfg)
+    model = model.clone(remat=cfg.model.remat)  # rematerialisation policy; parameters unchanged
     tokenizer = lora_jax.load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")

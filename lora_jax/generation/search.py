@@ -23,8 +23,7 @@ def _encode_and_cache(model, params, input_ids, attention_mask, beams: int, leng
     (the decoder folds the beams into the query axis), so they are neither copied nor re-read per beam."""
     variables = {"params": params}
     encoded = model.apply(variables, input_ids, attention_mask, method="encode")
-    cache = model.apply(variables, encoded, length, beams, method="init_cache")
-    return attention_mask, cache
+    return model.apply(variables, encoded, length, beams, method="init_cache")
 
 
 def _step_logits(model, params, tokens, attention_mask, cache):
@@ -35,7 +34,7 @@ def _step_logits(model, params, tokens, attention_mask, cache):
 def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask):
     batch = input_ids.shape[0]
     length = cfg.total_length
-    mask, cache = _encode_and_cache(model, params, input_ids, attention_mask, 1, length)
+    cache = _encode_and_cache(model, params, input_ids, attention_mask, 1, length)
     sequences = jnp.full((batch, length), cfg.pad_token_id, jnp.int32).at[:, 0].set(cfg.decoder_start_token_id)
 
     def cond(state):
@@ -44,7 +43,7 @@ def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask):
 
     def body(state):
         cur_len, sequences, cache, finished = state
-        logits, cache = _step_logits(model, params, sequences[:, cur_len - 1], mask, cache)
+        logits, cache = _step_logits(model, params, sequences[:, cur_len - 1], attention_mask, cache)
         scores = process_scores(logits, sequences, cur_len, cfg)
         tokens = jnp.where(finished, cfg.pad_token_id, jnp.argmax(scores, axis=-1).astype(jnp.int32))
         sequences = sequences.at[:, cur_len].set(tokens)
@@ -108,7 +107,7 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     keep = 2 * beams  # max(2, 1 + number of eos tokens) * num_beams: enough to keep `beams` running after any eos
     top_beam_mask = jnp.arange(keep) < beams
     penalty = _length_penalty_table(length, cfg.length_penalty)
-    mask, cache = _encode_and_cache(model, params, input_ids, attention_mask, beams, length)
+    cache = _encode_and_cache(model, params, input_ids, attention_mask, beams, length)
     running = jnp.full((batch, beams, length), cfg.pad_token_id, jnp.int32).at[:, :, 0].set(cfg.decoder_start_token_id)
     state = dict(
         cur_len=jnp.array(1, jnp.int32),
@@ -130,7 +129,7 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     def body(s):
         cur_len = s["cur_len"]
         flat_running = s["running"].reshape(batch * beams, length)
-        logits, cache = _step_logits(model, params, flat_running[:, cur_len - 1], mask, s["cache"])
+        logits, cache = _step_logits(model, params, flat_running[:, cur_len - 1], attention_mask, s["cache"])
         log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, cur_len, cfg)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, beams, vocab) + s["running_scores"][:, :, None]
