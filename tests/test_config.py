@@ -41,6 +41,9 @@ def test_defaults_and_overrides(cfg_file):
         (["train.batch_size=6", "optim.grad_accum_steps=4"], r"divisible by optim.grad_accum_steps"),
         (["model.checkpoint=null"], r"model.init_config"),
         (["lora.dropout=1.5"], r"dropout must be in \[0, 1\)"),
+        (["data.mask_ratio=1.5"], r"'data.mask_ratio' must be in \[0, 1\], got 1.5"),
+        (["data.clean_fraction=-0.1"], r"'data.clean_fraction' must be in \[0, 1\], got -0.1"),
+        (["data.join_rows=0"], r"'data.join_rows' must be >= 1, got 0"),
         (["model.remat=dot"], r"'model.remat' must be null or one of \['dots', 'dots_no_batch', 'full'\], got 'dot'"),
     ],
 )

@@ -113,6 +113,27 @@ def test_denoising_objective_targets_the_original(data_cfg, tokenizer):
     assert all(tokenizer.mask_token_id not in r["labels"] for r in ds)
 
 
+def test_denoising_options_copy_join_and_mask(data_cfg, tokenizer):
+    base = dataclasses.replace(data_cfg, objective="denoising", max_source_length=256, max_target_length=256)
+    train = load_splits(base)["train"]
+    clean, _ = tokenize(train, tokenizer, dataclasses.replace(base, clean_fraction=1.0))
+    assert all(r["input_ids"] == r["labels"] for r in clean)  # clean_fraction 1: every example is a plain copy
+    half, _ = tokenize(train, tokenizer, dataclasses.replace(base, clean_fraction=0.5))
+    copies = sum(r["input_ids"] == r["labels"] for r in half)
+    assert 8 <= copies <= 32  # about half of the 40 rows (short rows can also come out un-noised)
+    heavy, _ = tokenize(train, tokenizer, dataclasses.replace(base, mask_ratio=0.6))
+    light, _ = tokenize(train, tokenizer, dataclasses.replace(base, mask_ratio=0.1))
+    unmasked = lambda ds: sum(t != tokenizer.mask_token_id for r in ds for t in r["input_ids"])
+    assert unmasked(heavy) < unmasked(light)
+    joined, _ = tokenize(train, tokenizer, dataclasses.replace(base, join_rows=3, clean_fraction=1.0))
+    texts = [r["target_text"] for r in joined]
+    docs = [r["doc"] for r in train if r["doc"].strip()]  # denoising reads only the source column
+    assert len(texts) == len(docs) and any("\n" in t for t in texts)
+    assert all(t.split("\n")[0] == doc for t, doc in zip(texts, docs))  # row i starts its joined text
+    again, _ = tokenize(train, tokenizer, dataclasses.replace(base, join_rows=3, clean_fraction=1.0))
+    assert [r["target_text"] for r in again] == texts  # a function of (seed, index)
+
+
 def test_rouge_against_hand_computed_values():
     # pred "the cat sat" vs ref "the cat sat down":
     #  R1: overlap 3, P = 3/3, R = 3/4 -> F = 2*1*0.75/1.75 = 0.857143

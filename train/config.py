@@ -61,6 +61,10 @@ class DataSection:
     max_target_length: int = 128
     padding: Literal["bucket", "fixed"] = "bucket"
     objective: Literal["summarization", "denoising"] = "summarization"
+    # denoising only (BART text infilling, lora_jax.data.denoising):
+    mask_ratio: float = 0.3  # share of each text's tokens replaced by <mask> spans
+    clean_fraction: float = 0.0  # share of examples left un-noised: they teach the model to copy its input
+    join_rows: int = 1  # an example joins 1..join_rows consecutive rows with newlines (multi-paragraph texts)
     max_eval_examples: int | None = None
     num_proc: int | None = None
 
@@ -210,6 +214,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "train.num_steps": cfg.train.num_steps, "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
         "data.max_source_length": cfg.data.max_source_length, "data.max_target_length": cfg.data.max_target_length,
         "eval.num_beams": cfg.eval.num_beams, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "data.join_rows": cfg.data.join_rows,
     }
     for key, value in positive.items():
         if value < 1:
@@ -220,6 +225,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
+    for key, value, high in (("data.mask_ratio", cfg.data.mask_ratio, 1.0), ("data.clean_fraction", cfg.data.clean_fraction, 1.0)):
+        if not 0.0 <= value <= high:
+            raise ConfigError(f"config key '{key}' must be in [0, {high:g}], got {value}")
     if cfg.model.remat is not None and cfg.model.remat not in REMAT_POLICIES:
         raise ConfigError(f"config key 'model.remat' must be null or one of {sorted(REMAT_POLICIES)}, got {cfg.model.remat!r}")
     if cfg.model.checkpoint is None and cfg.model.init_config is None:

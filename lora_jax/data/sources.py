@@ -57,11 +57,28 @@ def check_columns(dataset, columns: dict[str, str]) -> None:
             raise ValueError(f"{key}: the dataset has no column {column!r}; its columns are {dataset.column_names}")
 
 
+def _join_rows(dataset, column: str, join_rows: int, seed: int, num_proc: int | None):
+    """Row i becomes rows i .. i+k-1 joined with newlines, k ~ uniform{1..join_rows} from (seed, i): multi-paragraph
+    texts from a corpus of single paragraphs, a function of (seed, i) only."""
+    texts = dataset[column]
+
+    def join(batch, indices):
+        out = []
+        for i in indices:
+            k = int(np.random.default_rng([seed, i, 1]).integers(1, join_rows + 1))
+            out.append("\n".join(str(t) for t in texts[i : i + k]))
+        return {column: out}
+
+    return dataset.map(join, batched=True, with_indices=True, num_proc=num_proc, desc="joining rows")
+
+
 def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | None = None):
     """-> (dataset with int lists `input_ids`, `labels` and the reference text `target_text`, rows dropped as empty).
 
     Sources and targets are truncated to data_cfg.max_source_length / max_target_length (<s> and </s> included).
-    With objective "denoising" the source column is both input (after BART text infilling) and target."""
+    With objective "denoising" the source column is both input (after BART text infilling of mask_ratio of its tokens,
+    except for a clean_fraction of examples that stay as they are) and target; join_rows > 1 first joins consecutive
+    rows into multi-paragraph texts. The noise of example i is a function of (seed, i)."""
     denoise = data_cfg.objective == "denoising"
     src_col = data_cfg.source_column
     tgt_col = src_col if denoise else data_cfg.target_column
@@ -75,6 +92,8 @@ def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | Non
     dropped = before - len(dataset)
     if dropped:
         log.warning("dropped %d of %d rows with an empty %s or %s", dropped, before, src_col, tgt_col)
+    if denoise and data_cfg.join_rows > 1:
+        dataset = _join_rows(dataset, src_col, data_cfg.join_rows, seed, num_proc)
     mask_id = tokenizer.mask_token_id
 
     def encode(batch, indices):
@@ -84,8 +103,10 @@ def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | Non
         if denoise:
             inputs = []
             for ids, i in zip(tokenizer(sources, truncation=True, max_length=data_cfg.max_source_length)["input_ids"], indices):
-                noised = text_infilling(ids, mask_id, np.random.default_rng([seed, i]))
-                inputs.append(noised[: data_cfg.max_source_length])
+                rng = np.random.default_rng([seed, i])
+                if rng.random() >= data_cfg.clean_fraction:
+                    ids = text_infilling(ids, mask_id, rng, mask_ratio=data_cfg.mask_ratio)
+                inputs.append(ids[: data_cfg.max_source_length])
         else:
             inputs = tokenizer(sources, truncation=True, max_length=data_cfg.max_source_length)["input_ids"]
         return {"input_ids": inputs, "labels": labels, "target_text": targets}
