@@ -2,6 +2,9 @@
 
 Trained with the `tokenizers` library on the two offline corpora made by scripts/make_pretrain_corpus.py (Debian
 package descriptions) and scripts/make_demo_data.py (Python standard-library docstrings, train split only).
+The shipped tokenizer was trained on the first version of the demo data (whole docstring -> summary line), whose train
+split took other modules than today's: some of today's validation/test docstrings were in its BPE training text (merge
+statistics only; no model saw them). Re-running this script on today's files gives a tokenizer for a new base.
 Special tokens as in BART: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4; `transformers.AutoTokenizer` loads the directory.
 
     python -m scripts.train_tokenizer [--out data/demo_tokenizer]

@@ -29,11 +29,33 @@ def _rows(split):
 
 def test_demo_splits_have_source_and_target_and_do_not_share_modules():
     splits = {s: _rows(s) for s in ("train", "validation", "test")}
-    assert len(splits["train"]) >= 1000 and len(splits["validation"]) >= 200 and len(splits["test"]) >= 200
+    assert len(splits["train"]) >= 1000 and len(splits["validation"]) >= 150 and len(splits["test"]) >= 150
     for rows in splits.values():
-        assert all(r["source"].strip() and r["target"].strip() and r["source"].startswith(r["target"]) for r in rows)
+        for r in rows:
+            lines = r["source"].split("\n")
+            assert r["target"].strip() and lines[r["summary_line"]] == r["target"]
     modules = {s: {r["module"] for r in rows} for s, rows in splits.items()}
     assert not modules["train"] & modules["test"] and not modules["train"] & modules["validation"]
+
+
+def test_no_position_rule_finds_the_summary_line():
+    """The summary line sits anywhere: on the evaluation splits it is never always first, and every row has 4+ lines."""
+    for split in ("validation", "test"):
+        rows = _rows(split)
+        assert all(len(r["source"].split("\n")) >= 4 for r in rows)
+        positions = [r["summary_line"] for r in rows]
+        assert max(positions.count(p) for p in set(positions)) < 0.35 * len(rows)
+        last = sum(r["summary_line"] == len(r["source"].split("\n")) - 1 for r in rows)
+        assert last < 0.35 * len(rows)
+
+
+def test_baselines_by_hand():
+    from scripts.make_demo_data import baseline_scores
+
+    rows = [{"source": "a b\nthe summary here\nc", "target": "the summary here"}]
+    exact = lambda prediction, reference: float(prediction == reference)
+    scores = baseline_scores(rows, exact)
+    assert scores == {"first line": 0.0, "last line": 0.0, "random line": 1 / 3, "longest line": 1.0, "shortest line": 0.0}
 
 
 def test_tokenizer_round_trips_and_has_bart_specials():
