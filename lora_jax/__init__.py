@@ -1,12 +1,18 @@
 """lora_jax: LoRA as pure JAX/Flax parameter-tree transforms, with a Flax BART and its training scripts."""
 
-from lora_jax.checkpoint_io import (
+from lora_jax.checkpoints import (
+    AdapterMismatchError,
     CheckpointMismatchError,
     load_pretrained,
     load_tokenizer,
     params_from_torch_state_dict,
     params_to_torch_state_dict,
     save_pretrained,
+    export_merged,
+    export_peft,
+    import_peft,
+    load_adapter,
+    save_adapter,
 )
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right

@@ -63,10 +63,7 @@ def load_model(cfg: RunConfig, mesh):
     """(model, params) from the checkpoint, sharded onto the mesh, or randomly initialised from model.init_config."""
     dtype = _dtype(cfg.model.dtype)
     if cfg.model.checkpoint is not None:
-        if mesh.size > 1:
-            model, params, _ = sharding.load_pretrained_sharded(cfg.model.checkpoint, mesh, dtype)
-            return model, params
-        return lora_jax.load_pretrained(cfg.model.checkpoint, dtype=dtype)
+        return lora_jax.load_pretrained(cfg.model.checkpoint, dtype=dtype, mesh=mesh if mesh.size > 1 else None)
     config = BartConfig.from_dict(cfg.model.init_config)
     model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
     return model, init_params(model, jax.random.PRNGKey(cfg.train.seed))
@@ -87,7 +84,7 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
         raise ValueError("no training data: set data.train_files or data.dataset")
     lora_config = to_lora_config(cfg)
     if adapter_dir is not None:
-        from lora_jax.adapter_io import load_adapter
+        from lora_jax.checkpoints.adapter import load_adapter
 
         adapter, lora_config, _ = load_adapter(adapter_dir, base_params=params)
         params = lora_jax.combine(params, adapter)
@@ -119,7 +116,7 @@ def _save_result(run: Run, state, out: str) -> dict:
     """Writes the adapter (LoRA) or the full model (full fine-tuning); returns what was written and its size."""
     params = jax.device_get(state.params)
     if run.lora_config is not None:
-        from lora_jax.adapter_io import save_adapter
+        from lora_jax.checkpoints.adapter import save_adapter
 
         path = os.path.join(out, "adapter")
         save_adapter(path, params, run.lora_config, base_model=run.cfg.model.checkpoint or "random-init", base_params=params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from lora_jax.checkpoint_io import save_pretrained
+from lora_jax.checkpoints.hf import save_pretrained
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import merge_lora
 
