@@ -12,7 +12,7 @@ from flax import traverse_util
 
 import lora_jax
 from lora_jax.lora import LoraConfig
-from lora_jax.optim import param_labels, state_bytes
+from lora_jax.lora.optim import param_labels, state_bytes
 
 CONFIG = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from lora_jax.runtime import use_memory_aware_cpu_scheduler
+from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
 from train.config import ConfigError, load_config
 
 
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value with a dotted key, e.g. --set lora.mode=full (repeatable)")
     args = ap.parse_args(argv)
-    use_memory_aware_cpu_scheduler()  # before the first JAX computation; see lora_jax/runtime.py
+    use_memory_aware_cpu_scheduler()  # before the first JAX computation; see lora_jax/training/runtime.py
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -25,8 +25,8 @@ from lora_jax import sharding
 from lora_jax.data import TrainBatches, load_splits, tokenize
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
-from lora_jax.runtime import release_host_memory
-from lora_jax.train_checkpoint import TrainCheckpointer
+from lora_jax.training.runtime import release_host_memory
+from lora_jax.training.checkpoint import TrainCheckpointer
 from train import evaluate
 from train.config import RunConfig, config_to_dict, to_lora_config
 from train.metrics_log import MetricsLog, plot_loss_curve

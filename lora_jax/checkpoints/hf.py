@@ -253,13 +253,13 @@ def save_pretrained(
     config: BartConfig,
     *,
     tokenizer_dir: str | None = None,
-    generation_config: Mapping[str, Any] | None = None,
+    generation_config: Mapping[str, Any] | Any | None = None,
     safetensors: bool = True,
     flax: bool = True,
 ) -> None:
     """Writes a Hugging Face checkpoint directory: `config.json`, `model.safetensors` (PyTorch layout, loadable by
     `BartForConditionalGeneration.from_pretrained`) and/or `flax_model.msgpack`, plus tokenizer files copied from
-    `tokenizer_dir` and `generation_config.json` when given."""
+    `tokenizer_dir` and `generation_config.json` when given (a dict or a GenerationConfig)."""
     from safetensors.numpy import save
 
     os.makedirs(directory, exist_ok=True)
@@ -271,7 +271,8 @@ def save_pretrained(
         atomic_write(os.path.join(directory, FLAX_WEIGHTS), blob)
     atomic_write(os.path.join(directory, "config.json"), json.dumps(config.to_hf_dict(), indent=2))
     if generation_config is not None:
-        atomic_write(os.path.join(directory, "generation_config.json"), json.dumps(dict(generation_config), indent=2))
+        settings = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+        atomic_write(os.path.join(directory, "generation_config.json"), json.dumps(settings, indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = os.path.join(tokenizer_dir, name)

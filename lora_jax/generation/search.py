@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import compile_events
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.generation.processors import process_scores
 
@@ -165,17 +166,26 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     return final["sequences"][:, 0, :], final["cur_len"]
 
 
-def run(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+    """Greedy (num_beams 1) or beam search -> (ids (B, cfg.total_length) int32, the decoded length), un-jitted."""
     if cfg.num_beams == 1:
         return _greedy(model, cfg, params, input_ids, attention_mask)
     return _beam_search(model, cfg, params, input_ids, attention_mask)
 
 
 # One compiled program per (model, settings, input shapes): both are hashable frozen dataclasses, so equal settings
-# reuse the compiled loop.
-run_jit = jax.jit(run, static_argnums=(0, 1))
+# reuse the compiled loop. A name of its own lets `num_compilations` count its compile events.
+DECODE_NAME = compile_events.unique_name("lora_jax_decode")
+
+
+def _decode_to_jit(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+    return decode(model, cfg, params, input_ids, attention_mask)
+
+
+_decode_to_jit.__name__ = _decode_to_jit.__qualname__ = DECODE_NAME
+decode_jit = jax.jit(_decode_to_jit, static_argnums=(0, 1))
 
 
 def num_compilations() -> int:
     """How many (model, settings, shapes) combinations `generate` has compiled in this process."""
-    return run_jit._cache_size()
+    return compile_events.compilations(DECODE_NAME)

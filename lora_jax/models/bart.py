@@ -437,10 +437,14 @@ class BartForConditionalGeneration(nn.Module):
         return logits
 
 
+# The label of a position the loss ignores (padding), PyTorch's CrossEntropyLoss ignore_index, as transformers uses it.
+IGNORE = -100
+
+
 def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id: int) -> Array:
-    """labels (B, T) with -100 for ignored positions -> decoder_input_ids (B, T)."""
+    """labels (B, T) with IGNORE for ignored positions -> decoder_input_ids (B, T)."""
     shifted = jnp.concatenate([jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
-    return jnp.where(shifted == -100, pad_token_id, shifted)
+    return jnp.where(shifted == IGNORE, pad_token_id, shifted)
 
 
 def init_params(model: BartForConditionalGeneration, rng: Array, seq_len: int = 8) -> dict:
