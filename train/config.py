@@ -163,7 +163,9 @@ def _describe(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def _build(cls, values: Mapping[str, Any], prefix: str):
+def parse_section(cls, values: Mapping[str, Any], prefix: str):
+    """An instance of section dataclass `cls` from a YAML mapping, every key and type checked (sections nest);
+    `prefix` is the dotted path of `values`, for error messages. Checks beyond types are `validate`'s."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -177,7 +179,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str):
             raise ConfigError(f"unknown config key '{where}'{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{where}.")
+            kwargs[key] = parse_section(hint, value or {}, f"{where}.")
             continue
         if not _type_ok(value, hint):
             raise ConfigError(f"config key '{where}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
@@ -270,7 +272,7 @@ def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> RunCo
     tree = _fix_numbers(tree)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
-    return validate(_build(RunConfig, tree, ""))
+    return validate(parse_section(RunConfig, tree, ""))
 
 
 def to_lora_config(cfg: RunConfig) -> LoraConfig | None:
