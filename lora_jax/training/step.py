@@ -32,12 +32,18 @@ StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict]]
 # PyTorch's CUDA dropout use) lowers to plain integer ops that XLA fuses into the mask's consumer: on CPU a (4, 12, 256, 256)
 # mask costs ~5 ms against ~35 ms with threefry2x32 or RngBitGenerator (2-core benchmark CPU, bench/).
 PREFERRED_DROPOUT_RNG = ("philox4x32", "unsafe_rbg")
+# philox4x32 does not compile under jit with explicit shardings (jax 0.10, CPU: its 32-bit mulhi reaches XLA's SPMD
+# lowering as an unknown op, "Unable to convert MHLO to StableHLO"), so sharded steps skip it.
+NOT_SHARDABLE_RNG = ("philox4x32",)
 
 
 @functools.cache
-def default_dropout_rng_impl() -> str:
-    """The first PRNG implementation of PREFERRED_DROPOUT_RNG this jax has (older jax lacks philox4x32)."""
+def default_dropout_rng_impl(sharded: bool = False) -> str:
+    """The first PRNG implementation of PREFERRED_DROPOUT_RNG this jax has (older jax lacks philox4x32); with
+    sharded=True, the first that also compiles under jit with explicit shardings."""
     for impl in PREFERRED_DROPOUT_RNG:
+        if sharded and impl in NOT_SHARDABLE_RNG:
+            continue
         try:
             jax.random.key(0, impl=impl)
         except (ValueError, KeyError, TypeError):
@@ -238,10 +244,10 @@ def make_train_step(
     computation un-jitted. shardings = (state_shardings, batch_sharding) jits with explicit shardings, where
     state_shardings is a TrainState-shaped tree of shardings (see lora_jax.sharding).
     dropout_rng_impl: the jax PRNG implementation drawing dropout masks inside the step ("default":
-    `default_dropout_rng_impl()`); None draws them from `rng`'s own implementation.
+    `default_dropout_rng_impl(sharded=shardings is not None)`); None draws them from `rng`'s own implementation.
     """
     if dropout_rng_impl == "default":
-        dropout_rng_impl = default_dropout_rng_impl()
+        dropout_rng_impl = default_dropout_rng_impl(sharded=shardings is not None)
     update = functools.partial(
         train_update, model=with_lora(model, lora_config), label_smoothing=label_smoothing,
         grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm, schedule=schedule,
