@@ -54,6 +54,10 @@ def default_dropout_rng_impl(sharded: bool = False) -> str:
 
 @flax.struct.dataclass
 class TrainState:
+    """What a train step updates. step: int32 scalar; trainable / frozen: the params split by `split_trainable`
+    (adapters and modules_to_save vs the rest; everything is trainable in full fine-tuning); opt_state: `tx`'s state
+    for the trainable leaves only; tx: the optimizer (static: not a pytree leaf)."""
+
     step: jax.Array
     trainable: Any
     frozen: Any
