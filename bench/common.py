@@ -171,7 +171,7 @@ def time_train_steps(one_step: Callable[[], Any], steps: int, warmup: int, phase
     Returns (first step s, median s, timed s, steady memory phase, what `around_first` yielded or None)."""
     from bench.memory import start_phase
 
-    from lora_jax.runtime import release_host_memory
+    from lora_jax.training.runtime import release_host_memory
 
     with around_first if around_first is not None else contextlib.nullcontext() as entered:
         t0 = time.perf_counter()

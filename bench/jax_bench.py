@@ -20,7 +20,7 @@ from bench.common import (
     BenchSpec, interleaved_median_times, make_batch, median_time, random_leaves, time_generate, time_train_steps,
 )
 from bench.memory import memory_fields, start_phase
-from lora_jax.checkpoint_io import expected_shapes
+from lora_jax.checkpoints.hf import expected_shapes
 from lora_jax.generation import GenerationConfig, generate_padded
 
 # JAX's compile phases (jax._src.dispatch): tracing to a jaxpr, lowering to MLIR, XLA compilation.
@@ -222,14 +222,11 @@ def bench_generate(spec: BenchSpec) -> dict[str, Any]:
     return {"system": "jax_generate", **backend_fields(), **timing, **memory_fields(phase, None, device_peak_bytes())}
 
 
-def _dir_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
-
-
 def bench_checkpoint(spec: BenchSpec) -> dict[str, Any]:
-    """Bytes on disk of an adapter checkpoint (`lora_jax.adapter_io.save_adapter`) vs the full model
+    """Bytes on disk of an adapter checkpoint (`lora_jax.save_adapter`) vs the full model
     (`save_pretrained`: model.safetensors and flax_model.msgpack)."""
-    from lora_jax.adapter_io import save_adapter
+    from lora_jax.checkpoints.adapter import save_adapter
+    from lora_jax.checkpoints.files import dir_bytes
 
     model, params = build_model(spec)
     lora = lora_config(spec)
@@ -238,7 +235,7 @@ def bench_checkpoint(spec: BenchSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(os.path.join(tmp, "adapter"), adapted, lora, base_model=f"bench-{spec.model}")
         lora_jax.save_pretrained(os.path.join(tmp, "full"), params, model.config)
-        adapter_bytes = _dir_bytes(os.path.join(tmp, "adapter"))
+        adapter_bytes = dir_bytes(os.path.join(tmp, "adapter"))
         safetensors_bytes = os.path.getsize(os.path.join(tmp, "full", "model.safetensors"))
         msgpack_bytes = os.path.getsize(os.path.join(tmp, "full", "flax_model.msgpack"))
     return {

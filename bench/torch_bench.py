@@ -41,7 +41,7 @@ def hf_config(spec: BenchSpec) -> transformers.BartConfig:
 
 def flax_path(key: str, modules: Mapping[str, torch.nn.Module]) -> tuple[tuple[str, ...], bool]:
     """(lora_jax / Flax path, transposed?) of torch state-dict entry `key`: Linear weight -> kernel (in, out),
-    LayerNorm weight -> scale, Embedding weight -> embedding (the inverse of lora_jax.checkpoint_io.torch_key,
+    LayerNorm weight -> scale, Embedding weight -> embedding (the inverse of lora_jax.checkpoints.hf.torch_key,
     recomputed here so this process never imports JAX)."""
     if key == "final_logits_bias":
         return (key,), False

@@ -49,7 +49,7 @@ def run_system(name: str, spec: BenchSpec) -> dict:
     if missing:
         raise ImportError(f"system {name!r} needs {missing}: pip install 'lora_jax[torch]'")
     if system.module == "bench.jax_bench":
-        from lora_jax.runtime import use_memory_aware_cpu_scheduler
+        from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
 
         use_memory_aware_cpu_scheduler()  # as `python -m train` does; must precede the first JAX computation
     record = getattr(importlib.import_module(system.module), system.function)(spec)

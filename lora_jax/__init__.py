@@ -1,28 +1,50 @@
-"""lora_jax: LoRA as pure JAX/Flax parameter-tree transforms, with a Flax BART and its training scripts."""
+"""lora_jax: LoRA as pure JAX/Flax parameter-tree transforms, with a Flax BART and its training scripts.
 
-from lora_jax.checkpoint_io import (
+Packages: `lora` (LoRA itself, model-agnostic), `models` (the Flax BART), `checkpoints` (everything on disk),
+`training` (train state and step, resumable checkpoints), `generation` (greedy and beam search), `data` (input
+pipeline); `sharding` holds meshes and partition rules. The names below are the public API.
+"""
+
+__version__ = "0.1.0"
+
+from lora_jax.checkpoints import (
+    AdapterMismatchError,
     CheckpointMismatchError,
+    export_merged,
+    export_peft,
+    import_peft,
+    load_adapter,
     load_pretrained,
     load_tokenizer,
     params_from_torch_state_dict,
     params_to_torch_state_dict,
+    save_adapter,
     save_pretrained,
 )
-from lora_jax.lora.config import LoraConfig
-from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
-from lora_jax.models.config import BartConfig, bart_base_config
-
-__version__ = "0.1.0"
+from lora_jax.generation import GenerationConfig, generate, generate_padded, load_generation_config
 from lora_jax.lora import (
+    LoraConfig,
     LoraModel,
+    adamw_factory,
     adapter_params,
     combine,
     count_params,
     init_lora,
+    lora_optimizer,
     merge_lora,
+    param_labels,
     split_trainable,
     unmerge_lora,
     with_lora,
 )
-from lora_jax.optim import adamw_factory, learning_rate_schedule, lora_optimizer, param_labels
-from lora_jax.training import TrainState, create_train_state, make_eval_step, make_train_step, token_losses
+from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
+from lora_jax.models.config import BartConfig, bart_base_config
+from lora_jax.training import (
+    TrainState,
+    create_train_state,
+    learning_rate_schedule,
+    make_eval_step,
+    make_train_step,
+    token_losses,
+    train_update,
+)

@@ -1,5 +1,6 @@
 """Scaling past one device with JAX's own machinery: a (data, fsdp) mesh, sharding rules for params, optimizer state
-and batches, sharded checkpoint loading, and multi-host start-up.
+and batches, and multi-host start-up
+(checkpoints load straight into a mesh with `lora_jax.load_pretrained(..., mesh=mesh)`).
 
 Every device of the mesh works on its own slice of the batch (batch axis sharded over data x fsdp). Parameters are
 replicated over `data`; over `fsdp` each large leaf is split along its largest axis that the fsdp size divides
@@ -15,8 +16,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lora_jax.tree import flatten_paths
 
 log = logging.getLogger(__name__)
 
@@ -117,25 +119,6 @@ def put_sharded(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
-def load_pretrained_sharded(path_or_hub_id: str, mesh: Mesh, dtype=None, shard_params: bool = True,
-                            min_size: int = MIN_SHARD_SIZE):
-    """`lora_jax.load_pretrained` straight into the mesh: weights are read into host memory once and each device gets
-    only its shard. Returns (model, params, shardings)."""
-    import jax.numpy as jnp
-
-    from lora_jax.checkpoint_io import _resolve, read_params
-    from lora_jax.models.bart import BartForConditionalGeneration
-    from lora_jax.models.config import BartConfig
-
-    dtype = dtype or jnp.float32
-    directory = _resolve(str(path_or_hub_id))
-    config = BartConfig.from_pretrained(directory)
-    host = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), read_params(directory, config))
-    shardings = tree_shardings(host, mesh, shard_params, min_size)
-    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
-    return model, put_sharded(host, shardings), shardings
-
-
 def bytes_per_device(tree: Any) -> dict[Any, int]:
     """{device: bytes of `tree` it holds}, from the arrays' actual shards."""
     out: dict[Any, int] = {}
@@ -174,7 +157,7 @@ def is_main_process() -> bool:
 
 def flat_specs(shardings: Any) -> dict[str, P]:
     """{'/'-path: PartitionSpec}, for logging what was sharded how."""
-    return {"/".join(k): s.spec for k, s in traverse_util.flatten_dict(shardings).items()}
+    return {k: s.spec for k, s in flatten_paths(shardings).items()}
 
 
 def shard_state(state: Any, mesh: Mesh, shard_params: bool = True, min_size: int = MIN_SHARD_SIZE) -> tuple[Any, Any]:

@@ -77,7 +77,7 @@ def train(out_dir):
             ckpt.save(f"{out_dir}/ckpt8", {"trainable": state.trainable, "opt_state": state.opt_state})
             ckpt.wait_until_finished()
             np.savez(f"{out_dir}/expected.npz", **flat_np(state.trainable))
-            _, loaded, _ = sharding.load_pretrained_sharded(MODEL_DIR, mesh, min_size=0)
+            _, loaded = lora_jax.load_pretrained(MODEL_DIR, mesh=mesh, min_shard_size=0)
             _, host = lora_jax.load_pretrained(MODEL_DIR)
             result["sharded_load"] = {
                 "max_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in

@@ -65,8 +65,8 @@ def test_shipped_configs_parse(path):
 
     import yaml
 
-    from train.config import RunConfig, _build
+    from train.config import RunConfig, parse_section
 
     with open(path) as f:
-        _build(RunConfig, yaml.safe_load(f), "")  # types and keys; files may need the network or a demo base
+        parse_section(RunConfig, yaml.safe_load(f), "")  # types and keys; files may need the network or a demo base
     assert os.path.exists(path)

@@ -8,7 +8,7 @@ import pytest
 
 import lora_jax
 from lora_jax.data import TrainBatches, bucket_sizes, collate, eval_batches, load_splits, text_infilling, tokenize
-from lora_jax.metrics import rouge
+from train.rouge import rouge
 from tests.conftest import MODEL_DIR
 from train.config import DataSection
 

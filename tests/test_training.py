@@ -1,6 +1,7 @@
 """The masked optimizer and the train step: what changes, what does not, and what XLA computes."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -12,7 +13,7 @@ from flax import traverse_util
 
 import lora_jax
 from lora_jax.lora import LoraConfig
-from lora_jax.optim import param_labels, state_bytes
+from lora_jax.lora.optim import param_labels, state_bytes
 
 CONFIG = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 
@@ -89,6 +90,30 @@ def test_twenty_lora_steps_train_only_the_adapters(tiny, batch):
         assert np.abs(before - after).max() > 0
     assert abs(state_bytes(state.opt_state) - 2 * _tree_bytes(state.trainable)) <= 64
     assert step.num_compilations() == 1
+
+
+def test_train_update_is_a_pure_function_to_jit_yourself(tiny_no_dropout, batch):
+    """jax.jit(partial(train_update, ...)) as in the Flax examples gives make_train_step's update and metrics."""
+    model, params = tiny_no_dropout
+    settings = dict(max_grad_norm=0.5, grad_accum_steps=2, dropout_rng_impl=None)
+    update = jax.jit(functools.partial(lora_jax.train_update, model=lora_jax.with_lora(model, CONFIG), **settings))
+    s_own, m_own = update(_state(params), batch, jax.random.PRNGKey(0))
+    s_lib, m_lib = lora_jax.make_train_step(model, CONFIG, **settings)(_state(params), batch, jax.random.PRNGKey(0))
+    assert int(s_own.step) == int(s_lib.step) == 1
+    chex.assert_trees_all_close(s_own.trainable, s_lib.trainable, atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(m_own, m_lib, atol=1e-6, rtol=1e-6)
+
+
+def test_num_compilations_counts_each_new_shape(tiny_no_dropout, batch):
+    model, params = tiny_no_dropout
+    step = lora_jax.make_train_step(model, CONFIG)
+    state, _ = step(_state(params), batch, jax.random.PRNGKey(0))
+    state, _ = step(state, batch, jax.random.PRNGKey(0))
+    assert step.num_compilations() == 1
+    shorter = {k: v[:, :-1] if k in ("decoder_input_ids", "labels") else v for k, v in batch.items()}
+    step(state, shorter, jax.random.PRNGKey(0))
+    assert step.num_compilations() == 2
+    assert lora_jax.make_train_step(model, CONFIG).num_compilations() == 0  # counts are per step function
 
 
 def test_jitted_and_unjitted_steps_agree(tiny_no_dropout, batch):

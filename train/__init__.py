@@ -1,1 +1,2 @@
-"""Training scripts: `python -m train` (train.py), `python -m train.evaluate`, `python -m train.export`."""
+"""Training scripts: `python -m train` (loop.py, built by build.py), `python -m train.evaluate`, `python -m train.export`;
+the run config schema (config.py), metrics logging (metrics_log.py) and ROUGE (rouge.py)."""

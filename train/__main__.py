@@ -1,4 +1,4 @@
-"""`python -m train --config configs/<name>.yaml [--set key.sub=value ...]` — see train/train.py."""
+"""`python -m train --config configs/<name>.yaml [--set key.sub=value ...]` — see train/loop.py."""
 
 import argparse
 import json
@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from lora_jax.runtime import use_memory_aware_cpu_scheduler
+from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
 from train.config import ConfigError, load_config
 
 
@@ -16,8 +16,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value with a dotted key, e.g. --set lora.mode=full (repeatable)")
     args = ap.parse_args(argv)
-    use_memory_aware_cpu_scheduler()  # before the first JAX computation; see lora_jax/runtime.py
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    use_memory_aware_cpu_scheduler()  # before the first JAX computation; see lora_jax/training/runtime.py
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # force: importing orbax installs a root handler
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from train.train import train
+    from train.loop import train
 
     try:
         summary = train(cfg)

@@ -1,6 +1,8 @@
 """Run configuration: nested frozen dataclasses read from YAML, with `--set a.b=value` overrides.
 
-Every error names the offending key and is raised before anything is loaded or compiled."""
+The `lora`, `mesh` and `eval` sections are derived from the library's own configs (LoraConfig, MeshConfig,
+GenerationConfig): their fields, types and defaults are declared once, there. Every error names the offending key and
+is raised before anything is loaded or compiled."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from lora_jax.generation.config import GenerationConfig
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.bart import REMAT_POLICIES
+from lora_jax.sharding import MeshConfig
 
 
 class ConfigError(ValueError):
@@ -30,19 +34,33 @@ class ModelSection:
     remat: str | None = None  # rematerialise each layer in training: null, "dots" (same speed, less memory), "full"
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraSection:
-    mode: Literal["lora", "full"] = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
-    dropout: float = 0.0
-    rank_pattern: dict = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict = dataclasses.field(default_factory=dict)
-    use_rslora: bool = False
-    modules_to_save: list = dataclasses.field(default_factory=list)
-    init: Literal["gaussian", "kaiming_uniform"] = "gaussian"
-    loraplus_lr_ratio: float | None = None
+def _yaml_hint(hint: Any) -> Any:
+    """The type a YAML value for a field typed `hint` arrives as: a tuple of pairs as a mapping, a tuple as a list."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        return dict if args and typing.get_origin(args[0]) is tuple else list | tuple
+    return hint
+
+
+def derived_section(name: str, source: type, *, names: typing.Iterable[str] | None = None,
+                    defaults: Mapping[str, Any] | None = None, extra: typing.Sequence[tuple] = ()) -> type:
+    """A frozen dataclass `name` with the fields of dataclass `source` (or those in `names`), their types as YAML
+    writes them and their defaults (or `defaults`' values), followed by the `extra` (name, type, default) fields."""
+    hints, defaults = typing.get_type_hints(source), dict(defaults or {})
+    fields = []
+    for f in dataclasses.fields(source):
+        if names is None or f.name in names:
+            default = defaults.get(f.name, f.default)
+            fields.append((f.name, _yaml_hint(hints[f.name]), dataclasses.field(default=default)))
+    fields += [(n, t, dataclasses.field(default=d)) for n, t, d in extra]
+    return dataclasses.make_dataclass(name, fields, frozen=True)
+
+
+# `lora`: every LoraConfig field, plus what the run does with it.
+LoraSection = derived_section("LoraSection", LoraConfig, extra=[
+    ("mode", Literal["lora", "full"], "lora"),  # "full": fine-tune every parameter, the LoraConfig fields unused
+    ("loraplus_lr_ratio", float | None, None),  # LoRA+: the B matrices' learning rate is this times the others'
+])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,21 +114,15 @@ class TrainSection:
     output_dir: str = "runs/default"
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSection:
-    num_beams: int = 4
-    max_new_tokens: int = 64
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_samples: int = 3
-    rouge_before: bool = True
-    max_examples: int | None = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
-    data: int = -1
-    fsdp: int = 1
+# `eval`: the beam-search settings of ROUGE evaluation (GenerationConfig fields, on top of the checkpoint's own
+# generation config), and how much to evaluate.
+EVAL_GENERATION_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
+EvalSection = derived_section("EvalSection", GenerationConfig, names=EVAL_GENERATION_FIELDS,
+                              defaults={"num_beams": 4, "max_new_tokens": 64}, extra=[
+    ("num_samples", int, 3),  # sample summaries printed and written to samples.txt
+    ("rouge_before", bool, True),  # also score the model before training
+    ("max_examples", int | None, 200),  # rows of the eval split scored with ROUGE (None: all)
+])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +133,7 @@ class RunConfig:
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
-    mesh: MeshSection = MeshSection()
+    mesh: MeshConfig = MeshConfig()
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -138,7 +150,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+    return isinstance(value, typing.get_origin(hint) or hint)
 
 
 def _describe(hint: Any) -> str:
@@ -146,10 +158,14 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is dict:
+        return "a mapping"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def _build(cls, values: Mapping[str, Any], prefix: str):
+def parse_section(cls, values: Mapping[str, Any], prefix: str):
+    """An instance of section dataclass `cls` from a YAML mapping, every key and type checked (sections nest);
+    `prefix` is the dotted path of `values`, for error messages. Checks beyond types are `validate`'s."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -163,7 +179,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str):
             raise ConfigError(f"unknown config key '{where}'{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{where}.")
+            kwargs[key] = parse_section(hint, value or {}, f"{where}.")
             continue
         if not _type_ok(value, hint):
             raise ConfigError(f"config key '{where}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
@@ -217,7 +233,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "data.join_rows": cfg.data.join_rows,
     }
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if cfg.train.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(
@@ -256,15 +272,19 @@ def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> RunCo
     tree = _fix_numbers(tree)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
-    return validate(_build(RunConfig, tree, ""))
+    return validate(parse_section(RunConfig, tree, ""))
 
 
 def to_lora_config(cfg: RunConfig) -> LoraConfig | None:
     """The LoraConfig of a run (None for full fine-tuning)."""
     if cfg.lora.mode == "full":
         return None
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    return LoraConfig(**{k: v for k, v in dataclasses.asdict(cfg.lora).items() if k in fields})
+    return LoraConfig(**{f.name: getattr(cfg.lora, f.name) for f in dataclasses.fields(LoraConfig)})
+
+
+def generation_overrides(cfg: RunConfig) -> dict[str, Any]:
+    """The eval section's GenerationConfig fields (to put on top of the checkpoint's generation config)."""
+    return {name: getattr(cfg.eval, name) for name in EVAL_GENERATION_FIELDS}
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

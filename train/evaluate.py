@@ -10,30 +10,15 @@ import argparse
 import json
 import logging
 import sys
-
-import jax
-import numpy as np
+from typing import Sequence
 
 from lora_jax.data import eval_batches
-from lora_jax.generation import GenerationConfig, generate, load_generation_config
-from lora_jax.metrics import rouge
+from lora_jax.generation import GenerationConfig, generate
+from train.build import build
+from train.config import ConfigError, load_config
+from train.rouge import rouge
 
 log = logging.getLogger(__name__)
-
-
-def generation_settings(cfg, model_config, checkpoint_dir: str | None) -> GenerationConfig:
-    """The checkpoint's generation defaults with the run's eval section on top."""
-    import os
-
-    base = load_generation_config(checkpoint_dir) if checkpoint_dir and os.path.isdir(checkpoint_dir) else None
-    if base is None:
-        from lora_jax.generation import config_from_model
-
-        base = config_from_model(model_config)
-    return base.replace(
-        num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens, length_penalty=cfg.eval.length_penalty,
-        no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
-    )
 
 
 def eval_loss(eval_step, params, dataset, cfg, pad_id: int, start_id: int) -> float:
@@ -64,14 +49,19 @@ def summarize(model, params, tokenizer, dataset, cfg, gen: GenerationConfig, pad
 
 
 def score(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id) -> tuple[dict, list, list, list]:
+    """-> (ROUGE scores, predictions, references, sources) of `summarize`."""
     preds, refs, sources = summarize(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id)
     return rouge(preds, refs), preds, refs, sources
 
 
-def main(argv=None) -> int:
-    from train.config import ConfigError, load_config
-    from train.train import build
+def write_predictions(path: str, sources: Sequence[str], preds: Sequence[str], refs: Sequence[str]) -> None:
+    """One JSON line {"source", "prediction", "reference"} per example."""
+    with open(path, "w") as f:
+        for s, p, r in zip(sources, preds, refs):
+            f.write(json.dumps({"source": s, "prediction": p, "reference": r}) + "\n")
 
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Score a base model, an adapter, or a merged model with ROUGE on a split.")
     ap.add_argument("--config", required=True, help="run config YAML (model, data, eval sections are used)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
@@ -79,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test", choices=["eval", "test"], help="which split to score")
     ap.add_argument("--out", help="write predictions as JSON lines here")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # force: importing orbax installs a root handler
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
@@ -93,9 +83,7 @@ def main(argv=None) -> int:
                                          run.pad_id, run.start_id)
     print(json.dumps({"split": args.split, "examples": len(preds), **{k: round(v, 2) for k, v in scores.items()}}))
     if args.out:
-        with open(args.out, "w") as f:
-            for s, p, r in zip(sources, preds, refs):
-                f.write(json.dumps({"source": s, "prediction": p, "reference": r}) + "\n")
+        write_predictions(args.out, sources, preds, refs)
     return 0
 
 

@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import lora_jax
-    from lora_jax.adapter_io import check_adapter_fits, load_adapter, save_adapter
-    from lora_jax.export import export_merged
+    from lora_jax.checkpoints.adapter import check_adapter_fits, load_adapter, save_adapter
+    from lora_jax.checkpoints.merged import export_merged
     from lora_jax.generation import load_generation_config
-    from lora_jax.peft_interop import export_peft, import_peft
+    from lora_jax.checkpoints.peft import export_peft, import_peft
 
     try:
         model, base = lora_jax.load_pretrained(args.base)

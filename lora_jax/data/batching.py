@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-IGNORE = -100
+from lora_jax.models.bart import IGNORE
 
 
 def bucket_sizes(max_length: int, smallest: int = 16) -> list[int]:

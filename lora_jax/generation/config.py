@@ -34,6 +34,11 @@ class GenerationConfig:
         """Length of the output buffer, start token included."""
         return self.max_new_tokens + 1 if self.max_new_tokens is not None else self.max_length
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, None included (an explicit None switches an optional setting off), as generation_config.json
+        holds them: `from_dict(to_dict())` and `load_generation_config` read back this same config."""
+        return dataclasses.asdict(self)
+
     def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import compile_events
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.generation.processors import process_scores
 
@@ -101,15 +102,11 @@ def _still_improvable(improvable, running_scores, scores, finished, denominator)
     return improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
 
 
-def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask):
-    batch, beams = input_ids.shape[0], cfg.num_beams
-    length, prompt_len = cfg.total_length, 1
-    keep = 2 * beams  # max(2, 1 + number of eos tokens) * num_beams: enough to keep `beams` running after any eos
-    top_beam_mask = jnp.arange(keep) < beams
-    penalty = _length_penalty_table(length, cfg.length_penalty)
-    cache = _encode_and_cache(model, params, input_ids, attention_mask, beams, length)
+def _beam_start(cfg: GenerationConfig, batch: int, cache) -> dict:
+    """The beam-search loop state before the first token: (B, K, L) running and finished sequences, their scores."""
+    beams, length = cfg.num_beams, cfg.total_length
     running = jnp.full((batch, beams, length), cfg.pad_token_id, jnp.int32).at[:, :, 0].set(cfg.decoder_start_token_id)
-    state = dict(
+    return dict(
         cur_len=jnp.array(1, jnp.int32),
         running=running,
         # Only beam 0 is live at first, so the K identical start beams do not yield K copies of one continuation.
@@ -121,6 +118,15 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
         all_stopped=jnp.array(False),
         cache=cache,
     )
+
+
+def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+    batch, beams = input_ids.shape[0], cfg.num_beams
+    length, prompt_len = cfg.total_length, 1
+    keep = 2 * beams  # max(2, 1 + number of eos tokens) * num_beams: enough to keep `beams` running after any eos
+    top_beam_mask = jnp.arange(keep) < beams
+    penalty = _length_penalty_table(length, cfg.length_penalty)
+    state = _beam_start(cfg, batch, _encode_and_cache(model, params, input_ids, attention_mask, beams, length))
 
     def cond(s):
         open_beam = ~(jnp.all(s["finished"]) & (cfg.early_stopping is True))
@@ -165,17 +171,26 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     return final["sequences"][:, 0, :], final["cur_len"]
 
 
-def run(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+    """Greedy (num_beams 1) or beam search -> (ids (B, cfg.total_length) int32, the decoded length), un-jitted."""
     if cfg.num_beams == 1:
         return _greedy(model, cfg, params, input_ids, attention_mask)
     return _beam_search(model, cfg, params, input_ids, attention_mask)
 
 
 # One compiled program per (model, settings, input shapes): both are hashable frozen dataclasses, so equal settings
-# reuse the compiled loop.
-run_jit = jax.jit(run, static_argnums=(0, 1))
+# reuse the compiled loop. A name of its own lets `num_compilations` count its compile events.
+DECODE_NAME = compile_events.unique_name("lora_jax_decode")
+
+
+def _decode_to_jit(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+    return decode(model, cfg, params, input_ids, attention_mask)
+
+
+_decode_to_jit.__name__ = _decode_to_jit.__qualname__ = DECODE_NAME
+decode_jit = jax.jit(_decode_to_jit, static_argnums=(0, 1))
 
 
 def num_compilations() -> int:
     """How many (model, settings, shapes) combinations `generate` has compiled in this process."""
-    return run_jit._cache_size()
+    return compile_events.compilations(DECODE_NAME)

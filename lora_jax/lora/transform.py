@@ -13,38 +13,15 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from flax.core import FrozenDict, unfreeze
-
 from lora_jax.lora.config import LoraConfig, path_matches
+from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
 
 LORA_A, LORA_B = "lora_a", "lora_b"
 ADAPTER_LEAVES = (LORA_A, LORA_B)
-Path = tuple[str, ...]
-
-
-def _flat(tree: Mapping) -> dict[Path, Any]:
-    if isinstance(tree, FrozenDict):
-        tree = unfreeze(tree)
-    return traverse_util.flatten_dict(dict(tree))
-
-
-def _unflat(flat: Mapping[Path, Any]) -> dict:
-    return traverse_util.unflatten_dict(dict(flat))
-
-
-def path_str(path: Path) -> str:
-    return "/".join(str(p) for p in path)
-
-
-def flatten_paths(tree: Mapping) -> dict[str, Any]:
-    """{'/'-joined path: leaf} of a nested params-like tree."""
-    return {path_str(k): v for k, v in _flat(tree).items()}
-
 
 def kernel_modules(params: Mapping) -> dict[str, tuple[int, ...]]:
     """{module path: kernel shape} for every module holding a `kernel` leaf."""
-    return {path_str(p[:-1]): tuple(np.shape(v)) for p, v in _flat(params).items() if p[-1] == "kernel"}
+    return {path_str(p[:-1]): tuple(np.shape(v)) for p, v in flatten_tree(params).items() if p[-1] == "kernel"}
 
 
 def _module_paths(flat: Mapping[Path, Any]) -> set[str]:
@@ -54,7 +31,7 @@ def _module_paths(flat: Mapping[Path, Any]) -> set[str]:
 def target_modules(params: Mapping, config: LoraConfig) -> list[str]:
     """The module paths `config.targets` selects; raises a ValueError naming the problem for a target that matches no
     2-D kernel (listing the candidates) or that matches something other than a 2-D kernel."""
-    flat = _flat(params)
+    flat = flatten_tree(params)
     kernels = kernel_modules(params)
     candidates = sorted(p for p, s in kernels.items() if len(s) == 2)
     chosen = [p for p in candidates if config.is_target(p)]
@@ -102,7 +79,7 @@ def _init_a(rng, shape, rank, init, dtype):
 def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array, adapter_dtype: Any = jnp.float32) -> dict:
     """Adds `lora_a (in, r)` and `lora_b (r, out)` (zeros) beside every targeted kernel. Other leaves are the same
     objects as in `params`; the input tree is not modified."""
-    flat = _flat(params)
+    flat = flatten_tree(params)
     if any(p[-1] in ADAPTER_LEAVES for p in flat):
         raise ValueError("params already hold LoRA adapters; merge_lora(params, config) or start from the base params")
     modules = target_modules(params, config)
@@ -114,7 +91,7 @@ def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array, adapter_dtype
         base = tuple(module.split("/"))
         flat[base + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
         flat[base + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
-    return _unflat(flat)
+    return unflatten_tree(flat)
 
 
 def is_trainable(path: Path, config: LoraConfig | None, full_finetune: bool = False) -> bool:
@@ -124,10 +101,10 @@ def is_trainable(path: Path, config: LoraConfig | None, full_finetune: bool = Fa
 
 def split_trainable(params: Mapping, config: LoraConfig | None, full_finetune: bool = False) -> tuple[dict, dict]:
     """params -> (trainable, frozen): two disjoint nested dicts that `combine` puts back together."""
-    flat = _flat(params)
+    flat = flatten_tree(params)
     train = {p: v for p, v in flat.items() if is_trainable(p, config, full_finetune)}
     frozen = {p: v for p, v in flat.items() if p not in train}
-    return _unflat(train), _unflat(frozen)
+    return unflatten_tree(train), unflatten_tree(frozen)
 
 
 def adapter_params(params: Mapping, config: LoraConfig | None = None) -> dict:
@@ -137,9 +114,9 @@ def adapter_params(params: Mapping, config: LoraConfig | None = None) -> dict:
 
 def combine(base: Mapping, adapter: Mapping) -> dict:
     """Deep-merges `adapter` into `base` (adapter leaves win)."""
-    flat = _flat(base)
-    flat.update(_flat(adapter))
-    return _unflat(flat)
+    flat = flatten_tree(base)
+    flat.update(flatten_tree(adapter))
+    return unflatten_tree(flat)
 
 
 def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -149,32 +126,32 @@ def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 def merge_lora(params: Mapping, config: LoraConfig) -> dict:
     """W' = W + scale·A@B for every adapted kernel (in the kernel's dtype); adapter leaves removed, so the result has
     exactly the base model's tree."""
-    flat = _flat(params)
+    flat = flatten_tree(params)
     out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
     for path in [p for p in flat if p[-1] == LORA_A]:
         module = path[:-1]
         kernel = flat[module + ("kernel",)]
         delta = _delta(flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module)))
         out[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
-    return _unflat(out)
+    return unflatten_tree(out)
 
 
 def unmerge_lora(merged: Mapping, adapter: Mapping, config: LoraConfig) -> dict:
     """Inverse of merge_lora: W = W' - scale·A@B, with the adapter (and modules_to_save) leaves put back."""
-    flat = _flat(merged)
-    adapter_flat = _flat(adapter)
+    flat = flatten_tree(merged)
+    adapter_flat = flatten_tree(adapter)
     for path in [p for p in adapter_flat if p[-1] == LORA_A]:
         module = path[:-1]
         kernel = flat[module + ("kernel",)]
         delta = _delta(adapter_flat[path], adapter_flat[module + (LORA_B,)], config.scale_for(path_str(module)))
         flat[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) - delta).astype(kernel.dtype)
     flat.update(adapter_flat)
-    return _unflat(flat)
+    return unflatten_tree(flat)
 
 
 def count_params(params: Mapping, config: LoraConfig | None = None, full_finetune: bool = False, verbose: bool = True):
     """(trainable, total, percent) like PEFT's `print_trainable_parameters` (total = base + adapter)."""
-    flat = _flat(params)
+    flat = flatten_tree(params)
     total = sum(int(np.prod(np.shape(v))) for v in flat.values())
     trainable = sum(int(np.prod(np.shape(v))) for p, v in flat.items() if is_trainable(p, config, full_finetune))
     percent = 100.0 * trainable / max(total, 1)

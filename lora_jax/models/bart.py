@@ -132,30 +132,42 @@ def _layer_norm(dtype, param_dtype, name):
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _setup_self_attention_and_feed_forward(layer: nn.Module, heads: int, ffn_dim: int) -> None:
+    """Called from a layer's `setup`: what encoder and decoder layers share, as direct children of the layer (the
+    Hugging Face parameter layout): self_attn and its LayerNorm, the feed-forward block fc1 (d_model, ffn_dim),
+    fc2 (ffn_dim, d_model), final_layer_norm, and the dropouts."""
+    c, dt, pdt = layer.config, layer.dtype, layer.param_dtype
+    init = nn.initializers.normal(c.init_std)
+    layer.self_attn = BartAttention(c, heads, dt, pdt)
+    layer.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
+    layer.fc1 = nn.Dense(ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
+    layer.fc2 = nn.Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
+    layer.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
+    layer.dropout = nn.Dropout(c.dropout)
+    layer.act_dropout = nn.Dropout(c.activation_dropout)
+
+
+def _feed_forward(layer: nn.Module, hidden: Array, deterministic: bool) -> Array:
+    """The feed-forward block with its residual connection and post-LayerNorm, (B, T, d_model) -> same."""
+    residual = hidden
+    hidden = layer.act_dropout(activation(layer.config.activation_function)(layer.fc1(hidden)), deterministic=deterministic)
+    hidden = layer.dropout(layer.fc2(hidden), deterministic=deterministic)
+    return layer.final_layer_norm(residual + hidden)
+
+
 class BartEncoderLayer(nn.Module):
     config: BartConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        c, dt, pdt = self.config, self.dtype, self.param_dtype
-        init = nn.initializers.normal(c.init_std)
-        self.self_attn = BartAttention(c, c.encoder_attention_heads, dt, pdt)
-        self.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
-        self.fc1 = nn.Dense(c.encoder_ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
-        self.fc2 = nn.Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
-        self.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
-        self.dropout = nn.Dropout(c.dropout)
-        self.act_dropout = nn.Dropout(c.activation_dropout)
+        _setup_self_attention_and_feed_forward(self, self.config.encoder_attention_heads, self.config.encoder_ffn_dim)
 
     def __call__(self, hidden: Array, bias: Array, deterministic: bool = True) -> Array:
         residual = hidden
         hidden, _ = self.self_attn(hidden, bias, deterministic=deterministic)
         hidden = self.self_attn_layer_norm(residual + self.dropout(hidden, deterministic=deterministic))
-        residual = hidden
-        hidden = self.act_dropout(activation(self.config.activation_function)(self.fc1(hidden)), deterministic=deterministic)
-        hidden = self.dropout(self.fc2(hidden), deterministic=deterministic)
-        return self.final_layer_norm(residual + hidden)
+        return _feed_forward(self, hidden, deterministic)
 
 
 class BartDecoderLayer(nn.Module):
@@ -165,16 +177,9 @@ class BartDecoderLayer(nn.Module):
 
     def setup(self):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        init = nn.initializers.normal(c.init_std)
-        self.self_attn = BartAttention(c, c.decoder_attention_heads, dt, pdt)
-        self.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
+        _setup_self_attention_and_feed_forward(self, c.decoder_attention_heads, c.decoder_ffn_dim)
         self.encoder_attn = BartAttention(c, c.decoder_attention_heads, dt, pdt)
         self.encoder_attn_layer_norm = _layer_norm(dt, pdt, "encoder_attn_layer_norm")
-        self.fc1 = nn.Dense(c.decoder_ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
-        self.fc2 = nn.Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
-        self.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
-        self.dropout = nn.Dropout(c.dropout)
-        self.act_dropout = nn.Dropout(c.activation_dropout)
 
     def cross_kv(self, encoder_hidden: Array) -> tuple[Array, Array]:
         return self.encoder_attn.project_kv(encoder_hidden)
@@ -203,10 +208,7 @@ class BartDecoderLayer(nn.Module):
             deterministic=deterministic,
         )
         hidden = self.encoder_attn_layer_norm(residual + self.dropout(hidden, deterministic=deterministic))
-        residual = hidden
-        hidden = self.act_dropout(activation(self.config.activation_function)(self.fc1(hidden)), deterministic=deterministic)
-        hidden = self.dropout(self.fc2(hidden), deterministic=deterministic)
-        hidden = self.final_layer_norm(residual + hidden)
+        hidden = _feed_forward(self, hidden, deterministic)
         new_cache = None if cache is None else {"self": self_cache, "cross": cache["cross"]}
         return hidden, new_cache
 
@@ -249,32 +251,38 @@ class _LayerStack(nn.Module):
         self.layers = [layer_cls(self.config, self.dtype, self.param_dtype, name=str(i)) for i in range(self.num_layers)]
 
 
-def _embedding_modules(stack: nn.Module):
-    """Learned positions (max_position_embeddings + 2 rows), layernorm_embedding and dropout of an encoder/decoder;
-    assigned in the caller's setup so they keep the names embed_positions / layernorm_embedding."""
-    c = stack.config
-    positions = nn.Embed(
-        c.max_position_embeddings + POSITION_OFFSET,
-        c.d_model,
-        embedding_init=nn.initializers.normal(c.init_std),
-        dtype=stack.dtype,
-        param_dtype=stack.param_dtype,
-    )
-    return positions, _layer_norm(stack.dtype, stack.param_dtype, None), nn.Dropout(c.dropout)
+class _Stack(nn.Module):
+    """What the encoder and the decoder share: the (tied) token embedding, learned positions
+    (max_position_embeddings + 2 rows), layernorm_embedding, dropout, and the layers of `layer_spec()`."""
 
-
-class BartEncoder(nn.Module):
     config: BartConfig
     embed_tokens: nn.Embed
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
 
+    def layer_spec(self) -> tuple[type, int]:
+        """(layer class, number of layers)."""
+        raise NotImplementedError
+
     def setup(self):
-        self.embed_positions, self.layernorm_embedding, self.dropout = _embedding_modules(self)
-        self.layers = _LayerStack(
-            self.config, BartEncoderLayer, self.config.encoder_layers, self.dtype, self.param_dtype, self.remat
+        c = self.config
+        self.embed_positions = nn.Embed(
+            c.max_position_embeddings + POSITION_OFFSET,
+            c.d_model,
+            embedding_init=nn.initializers.normal(c.init_std),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
+        self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, None)
+        self.dropout = nn.Dropout(c.dropout)
+        layer_cls, num_layers = self.layer_spec()
+        self.layers = _LayerStack(c, layer_cls, num_layers, self.dtype, self.param_dtype, self.remat)
+
+
+class BartEncoder(_Stack):
+    def layer_spec(self) -> tuple[type, int]:
+        return BartEncoderLayer, self.config.encoder_layers
 
     def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
         """input_ids, attention_mask (B, S) -> last hidden state (B, S, D)."""
@@ -291,18 +299,9 @@ class BartEncoder(nn.Module):
         return hidden
 
 
-class BartDecoder(nn.Module):
-    config: BartConfig
-    embed_tokens: nn.Embed
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str | None = None
-
-    def setup(self):
-        self.embed_positions, self.layernorm_embedding, self.dropout = _embedding_modules(self)
-        self.layers = _LayerStack(
-            self.config, BartDecoderLayer, self.config.decoder_layers, self.dtype, self.param_dtype, self.remat
-        )
+class BartDecoder(_Stack):
+    def layer_spec(self) -> tuple[type, int]:
+        return BartDecoderLayer, self.config.decoder_layers
 
     def cross_kv(self, encoder_hidden: Array) -> list[tuple[Array, Array]]:
         return [layer.cross_kv(encoder_hidden) for layer in self.layers.layers]
@@ -437,10 +436,14 @@ class BartForConditionalGeneration(nn.Module):
         return logits
 
 
+# The label of a position the loss ignores (padding), PyTorch's CrossEntropyLoss ignore_index, as transformers uses it.
+IGNORE = -100
+
+
 def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id: int) -> Array:
-    """labels (B, T) with -100 for ignored positions -> decoder_input_ids (B, T)."""
+    """labels (B, T) with IGNORE for ignored positions -> decoder_input_ids (B, T)."""
     shifted = jnp.concatenate([jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
-    return jnp.where(shifted == -100, pad_token_id, shifted)
+    return jnp.where(shifted == IGNORE, pad_token_id, shifted)
 
 
 def init_params(model: BartForConditionalGeneration, rng: Array, seq_len: int = 8) -> dict:

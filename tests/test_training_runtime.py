@@ -1,8 +1,8 @@
-"""Process-level settings (lora_jax.runtime)."""
+"""Process-level settings (lora_jax.training.runtime)."""
 
 import os
 
-from lora_jax import runtime
+from lora_jax.training import runtime
 
 
 def test_scheduler_flag_is_added_once_and_user_flags_win(monkeypatch):

@@ -21,10 +21,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, adapter_params, flatten_paths, split_trainable
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, adapter_params, split_trainable
+from lora_jax.tree import flatten_paths, unflatten_tree
 
 META = "adapter_meta.json"
 FORMAT = "lora_jax.adapter/1"
@@ -110,9 +110,9 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
                 problems.append(f"{key}: the base has no kernel at {module}")
                 continue
             k_in, k_out = np.shape(kernel)
-            ok = shape[0] == k_in if leaf == "lora_a" else shape[1] == k_out
+            ok = shape[0] == k_in if leaf == LORA_A else shape[1] == k_out
             if not ok:
-                want = f"({k_in}, r)" if leaf == "lora_a" else f"(r, {k_out})"
+                want = f"({k_in}, r)" if leaf == LORA_A else f"(r, {k_out})"
                 problems.append(f"{key}: adapter has shape {shape}, the base kernel {np.shape(kernel)} needs {want}")
         elif key not in base:
             problems.append(f"{key}: no such leaf in the base")
@@ -131,14 +131,14 @@ def load_adapter(directory: str, base_params: Mapping | None = None) -> tuple[di
     if not os.path.exists(meta_path):
         raise FileNotFoundError(
             f"{directory} is not a complete lora_jax adapter (no {META}); it may be a partial save or another format "
-            "(for a PEFT adapter use lora_jax.peft_interop.import_peft)"
+            "(for a PEFT adapter use lora_jax.import_peft)"
         )
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}: unknown adapter format {meta.get('format')!r} (expected {FORMAT!r})")
     config = LoraConfig.from_dict(meta["lora_config"])
-    target = traverse_util.unflatten_dict(
+    target = unflatten_tree(
         {tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in meta["leaves"].items()}
     )
     try:

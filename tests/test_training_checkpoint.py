@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.train_checkpoint import TrainCheckpointer
+from lora_jax.training.checkpoint import TrainCheckpointer
 
 
 def _state(v):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax.export import export_merged
-from lora_jax.peft_interop import import_peft
+from lora_jax.checkpoints.merged import export_merged
+from lora_jax.checkpoints.peft import import_peft
 from tests.conftest import MODEL_DIR, PEFT_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""ROUGE for summaries, with Google's `rouge-score` package."""
+"""ROUGE for summaries, with Google's `rouge-score` package (used by train.evaluate)."""
 
 from __future__ import annotations
 

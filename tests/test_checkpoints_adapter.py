@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 import lora_jax
-from lora_jax.adapter_io import AdapterMismatchError, load_adapter, save_adapter
+from lora_jax.checkpoints.adapter import AdapterMismatchError, load_adapter, save_adapter
 from lora_jax.lora import LoraConfig
 
 CONFIG = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), modules_to_save=("final_logits_bias",))

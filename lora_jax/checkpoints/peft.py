@@ -13,11 +13,11 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
-from flax import traverse_util
-
-from lora_jax.checkpoint_io import atomic_write, torch_key
+from lora_jax.checkpoints.files import atomic_write
+from lora_jax.checkpoints.hf import torch_key
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import LORA_A, LORA_B, adapter_params
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_params
+from lora_jax.tree import flatten_tree, unflatten_tree
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -55,12 +55,12 @@ def _peft_targets(targets: tuple[str, ...]) -> list[str] | str:
 def _saved_modules(adapter_flat: Mapping[tuple, Any], config: LoraConfig) -> list[str]:
     names = set()
     for path in adapter_flat:
-        if path[-1] in (LORA_A, LORA_B):
+        if path[-1] in ADAPTER_LEAVES:
             continue
         if len(path) < 2:
             raise ValueError(
                 f"modules_to_save leaf {path[0]!r} is a top-level buffer, which PEFT cannot save as a module; "
-                "export a merged model instead (lora_jax.export.export_merged)"
+                "export a merged model instead (lora_jax.checkpoints.merged.export_merged)"
             )
         names.add(path[-2])
     return sorted(names)
@@ -68,11 +68,11 @@ def _saved_modules(adapter_flat: Mapping[tuple, Any], config: LoraConfig) -> lis
 
 def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str, np.ndarray]:
     """Our adapter leaves -> PEFT's state-dict names and layouts (float32)."""
-    flat = traverse_util.flatten_dict(dict(adapter_params(params_or_adapter, config)))
+    flat = flatten_tree(adapter_params(params_or_adapter, config))
     out = {}
     for path, value in flat.items():
         value = np.asarray(value, np.float32)
-        if path[-1] in (LORA_A, LORA_B):
+        if path[-1] in ADAPTER_LEAVES:
             name = "lora_A" if path[-1] == LORA_A else "lora_B"
             out[f"{PREFIX}{'.'.join(path[:-1])}.{name}.weight"] = np.ascontiguousarray(value.T)
         else:
@@ -120,7 +120,7 @@ def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, 
     from safetensors.numpy import save
 
     state = peft_state_dict(params_or_adapter, config)
-    flat = traverse_util.flatten_dict(dict(adapter_params(params_or_adapter, config)))
+    flat = flatten_tree(adapter_params(params_or_adapter, config))
     cfg = peft_config(config, base_model_name_or_path, _saved_modules(flat, config))
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
@@ -196,4 +196,4 @@ def import_peft(directory: str) -> tuple[dict, LoraConfig]:
         else:  # a modules_to_save parameter under its PyTorch name
             leaf = _leaf_name(parts[-2] if len(parts) > 1 else "", parts[-1])
             flat[tuple(parts[:-1]) + (leaf,)] = value.T if leaf == "kernel" else value
-    return traverse_util.unflatten_dict(flat), config
+    return unflatten_tree(flat), config

@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization, traverse_util
+from flax import serialization
+from jax.sharding import Mesh
 
+from lora_jax import sharding
+from lora_jax.checkpoints.files import atomic_write
+from lora_jax.lora.transform import ADAPTER_LEAVES
 from lora_jax.models.bart import BartForConditionalGeneration
 from lora_jax.models.config import BartConfig
+from lora_jax.tree import flatten_tree, unflatten_tree
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 SAFE_WEIGHTS = "model.safetensors"
@@ -45,7 +49,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model built from its config (missing weights or other shapes)."""
 
 
-def _resolve(path_or_hub_id: str) -> str:
+def resolve(path_or_hub_id: str) -> str:
     """A local directory for `path_or_hub_id`, downloading from the hub when it is not a local path."""
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
@@ -72,7 +76,7 @@ def expected_shapes(config: BartConfig) -> dict[tuple[str, ...], tuple[int, ...]
     model = BartForConditionalGeneration(config)
     ids = jnp.ones((1, 4), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"])
-    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+    return {k: tuple(v.shape) for k, v in flatten_tree(shapes).items()}
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -151,16 +155,16 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartCo
     unused = sorted(k for k in state if k not in used and not k.endswith(".version"))
     if unused:
         warnings.warn(f"ignored {len(unused)} checkpoint weight(s) the model does not use: {unused[:10]}")
-    return traverse_util.unflatten_dict(flat)
+    return unflatten_tree(flat)
 
 
 def params_to_torch_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     """Our Flax params -> a PyTorch-layout state dict (float32 numpy), keys as `BartForConditionalGeneration` saves them
     (the tied embedding only once, as `model.shared.weight`)."""
-    flat = traverse_util.flatten_dict(jax.device_get(dict(params)))
+    flat = flatten_tree(jax.device_get(params))
     out = {}
     for path, value in flat.items():
-        if path[-1] in ("lora_a", "lora_b"):
+        if path[-1] in ADAPTER_LEAVES:
             raise ValueError("params still hold LoRA adapters: merge them first with lora_jax.merge_lora(params, config)")
         out[torch_key(path)] = np.ascontiguousarray(np.asarray(value, dtype=np.float32).T if path[-1] == "kernel" else np.asarray(value, np.float32))
     return out
@@ -168,7 +172,7 @@ def params_to_torch_state_dict(params: Mapping) -> dict[str, np.ndarray]:
 
 def _check_flax_tree(params: Mapping, config: BartConfig) -> None:
     shapes = expected_shapes(config)
-    flat = traverse_util.flatten_dict(params)
+    flat = flatten_tree(params)
     problems = [f"missing weight {'/'.join(p)} (expected shape {s})" for p, s in shapes.items() if p not in flat]
     problems += [
         f"{'/'.join(p)}: checkpoint has shape {tuple(np.shape(flat[p]))}, config expects {s}"
@@ -210,43 +214,37 @@ def read_params(directory: str, config: BartConfig, weights: str | None = None) 
 
 
 def load_pretrained(
-    path_or_hub_id: str, dtype: Any = jnp.float32, weights: str | None = None
+    path_or_hub_id: str,
+    dtype: Any = jnp.float32,
+    weights: str | None = None,
+    *,
+    mesh: Mesh | None = None,
+    shard_params: bool = True,
+    min_shard_size: int = sharding.MIN_SHARD_SIZE,
 ) -> tuple[BartForConditionalGeneration, dict]:
     """Loads a BART checkpoint -> (model, params).
 
     dtype: computation and storage dtype of the model and its params (float32 default, bfloat16 allowed).
     weights: force a weights file ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"); default: the first of
       those found, in that order.
+    mesh: load straight into this mesh: weights are read into host memory once and each device receives only its
+      shard (`sharding.tree_shardings` with shard_params / min_shard_size); `x.sharding` of each leaf tells where it is.
     """
-    directory = _resolve(str(path_or_hub_id))
+    directory = resolve(str(path_or_hub_id))
     config = BartConfig.from_pretrained(directory)
     params = read_params(directory, config, weights)
     model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
-    return model, params
+    if mesh is None:
+        return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    host = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), params)
+    return model, sharding.put_sharded(host, sharding.tree_shardings(host, mesh, shard_params, min_shard_size))
 
 
 def load_tokenizer(path_or_hub_id: str):
     """The tokenizer saved with a checkpoint (`transformers.AutoTokenizer`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_resolve(str(path_or_hub_id)))
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it onto `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return AutoTokenizer.from_pretrained(resolve(str(path_or_hub_id)))
 
 
 def save_pretrained(
@@ -255,13 +253,13 @@ def save_pretrained(
     config: BartConfig,
     *,
     tokenizer_dir: str | None = None,
-    generation_config: Mapping[str, Any] | None = None,
+    generation_config: Mapping[str, Any] | Any | None = None,
     safetensors: bool = True,
     flax: bool = True,
 ) -> None:
     """Writes a Hugging Face checkpoint directory: `config.json`, `model.safetensors` (PyTorch layout, loadable by
     `BartForConditionalGeneration.from_pretrained`) and/or `flax_model.msgpack`, plus tokenizer files copied from
-    `tokenizer_dir` and `generation_config.json` when given."""
+    `tokenizer_dir` and `generation_config.json` when given (a dict or a GenerationConfig)."""
     from safetensors.numpy import save
 
     os.makedirs(directory, exist_ok=True)
@@ -273,7 +271,8 @@ def save_pretrained(
         atomic_write(os.path.join(directory, FLAX_WEIGHTS), blob)
     atomic_write(os.path.join(directory, "config.json"), json.dumps(config.to_hf_dict(), indent=2))
     if generation_config is not None:
-        atomic_write(os.path.join(directory, "generation_config.json"), json.dumps(dict(generation_config), indent=2))
+        settings = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+        atomic_write(os.path.join(directory, "generation_config.json"), json.dumps(settings, indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = os.path.join(tokenizer_dir, name)

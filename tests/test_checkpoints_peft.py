@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 import lora_jax
 from lora_jax.lora import LoraConfig, LoraModel
-from lora_jax.peft_interop import export_peft, import_peft, lora_config_from_peft, peft_config
+from lora_jax.checkpoints.peft import export_peft, import_peft, lora_config_from_peft, peft_config
 from tests.conftest import MODEL_DIR, PEFT_DIR
 
 MEANINGFUL = ("r", "lora_alpha", "lora_dropout", "peft_type", "task_type", "bias", "use_rslora", "use_dora",

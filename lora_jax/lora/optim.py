@@ -11,10 +11,10 @@ from typing import Callable, Mapping
 
 import jax
 import optax
-from flax import traverse_util
 
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import LORA_B, is_trainable
+from lora_jax.tree import flatten_tree, unflatten_tree
 
 TRAINABLE, FROZEN, LORA_B_LABEL = "trainable", "frozen", "lora_b"
 TxFactory = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
@@ -22,14 +22,14 @@ TxFactory = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
 
 def param_labels(params: Mapping, config: LoraConfig | None, *, full_finetune: bool = False, loraplus: bool = False) -> dict:
     """A tree like `params` of "trainable" / "lora_b" / "frozen" labels."""
-    flat = traverse_util.flatten_dict(dict(params))
+    flat = flatten_tree(params)
 
     def label(path):
         if loraplus and path[-1] == LORA_B:
             return LORA_B_LABEL
         return TRAINABLE if is_trainable(path, config, full_finetune) else FROZEN
 
-    return traverse_util.unflatten_dict({p: label(p) for p in flat})
+    return unflatten_tree({p: label(p) for p in flat})
 
 
 def _scaled(learning_rate: optax.ScalarOrSchedule, ratio: float) -> optax.ScalarOrSchedule:
@@ -68,26 +68,6 @@ def lora_optimizer(
         transforms[LORA_B_LABEL] = tx(_scaled(learning_rate, loraplus_lr_ratio))
     labels = lambda tree: param_labels(tree, config, full_finetune=full_finetune, loraplus=loraplus)
     return optax.multi_transform(transforms, labels)
-
-
-def learning_rate_schedule(
-    learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "linear"
-) -> optax.Schedule:
-    """Linear warm-up from 0, then linear decay to 0, cosine decay to 0, or constant."""
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    decay_steps = max(total_steps - warmup_steps, 1)
-    if schedule == "linear":
-        decay = optax.linear_schedule(learning_rate, 0.0, decay_steps)
-    elif schedule == "cosine":
-        decay = optax.cosine_decay_schedule(learning_rate, decay_steps)
-    elif schedule == "constant":
-        decay = optax.constant_schedule(learning_rate)
-    else:
-        raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', got {schedule!r}")
-    if warmup_steps == 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def adamw_factory(weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> TxFactory:

@@ -1,0 +1,20 @@
+"""Everything that reads or writes model state on disk.
+
+hf.py       Hugging Face BART checkpoints in and out (`load_pretrained`, also straight into a mesh; `save_pretrained`)
+adapter.py  adapter-only directories (Orbax leaves + JSON metadata): `save_adapter` / `load_adapter`
+peft.py     PEFT adapters in and out: `import_peft` / `export_peft`
+merged.py   adapters folded into the base, written as a plain Hugging Face checkpoint: `export_merged`
+files.py    atomic file writes and directory sizes, shared by the writers above
+"""
+
+from lora_jax.checkpoints.adapter import AdapterMismatchError, check_adapter_fits, load_adapter, save_adapter
+from lora_jax.checkpoints.hf import (
+    CheckpointMismatchError,
+    load_pretrained,
+    load_tokenizer,
+    params_from_torch_state_dict,
+    params_to_torch_state_dict,
+    save_pretrained,
+)
+from lora_jax.checkpoints.merged import export_merged
+from lora_jax.checkpoints.peft import export_peft, import_peft

@@ -1,0 +1,105 @@
+"""Everything a run is built from, before any step: model and params (loaded, sharded, adapted), tokenizer, tokenized
+splits, generation settings and the optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+import lora_jax
+from lora_jax import sharding
+from lora_jax.data import load_splits, tokenize
+from lora_jax.generation import GenerationConfig, config_from_model, load_generation_config
+from lora_jax.lora import LoraConfig, LoraModel
+from lora_jax.models.bart import BartForConditionalGeneration, init_params
+from lora_jax.models.config import BartConfig
+from train.config import RunConfig, generation_overrides, to_lora_config
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Model, params, tokenizer, tokenized splits and settings of a run (built once by `build`, never changed)."""
+
+    cfg: RunConfig
+    model: BartForConditionalGeneration
+    params: dict  # the base, with adapters when training LoRA or when an adapter was loaded
+    tokenizer: PreTrainedTokenizerBase
+    splits: dict[str, datasets.Dataset]  # "train" / "eval" / "test", tokenized
+    dropped: dict[str, int]  # rows dropped per split as empty
+    lora_config: LoraConfig | None  # None: full fine-tuning
+    mesh: Mesh
+    gen: GenerationConfig  # beam-search settings of ROUGE evaluation
+    pad_id: int
+    start_id: int  # decoder start token
+
+    @property
+    def apply_model(self) -> BartForConditionalGeneration | LoraModel:
+        """The model with the run's adapters in its forward pass (the model itself in full fine-tuning)."""
+        return lora_jax.with_lora(self.model, self.lora_config)
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def load_model(cfg: RunConfig, mesh: Mesh) -> tuple[BartForConditionalGeneration, dict]:
+    """(model, params) from the checkpoint, sharded onto the mesh, or randomly initialised from model.init_config."""
+    dtype = _dtype(cfg.model.dtype)
+    if cfg.model.checkpoint is not None:
+        return lora_jax.load_pretrained(cfg.model.checkpoint, dtype=dtype, mesh=mesh if mesh.size > 1 else None)
+    config = BartConfig.from_dict(cfg.model.init_config)
+    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
+    return model, init_params(model, jax.random.PRNGKey(cfg.train.seed))
+
+
+def generation_settings(cfg: RunConfig, model_config: BartConfig, checkpoint_dir: str | None) -> GenerationConfig:
+    """The checkpoint's generation defaults with the run's eval section on top."""
+    if checkpoint_dir and os.path.isdir(checkpoint_dir):
+        base = load_generation_config(checkpoint_dir)
+    else:
+        base = config_from_model(model_config)
+    return base.replace(**generation_overrides(cfg))
+
+
+def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = None) -> Run:
+    """Loads model, tokenizer and data, and applies the LoRA config (fresh adapters, or `adapter_dir`'s)."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    model, params = load_model(cfg, mesh)
+    model = model.clone(remat=cfg.model.remat)  # rematerialisation policy; parameters unchanged
+    tokenizer = lora_jax.load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+    splits, dropped = {}, {}
+    for name, ds in load_splits(cfg.data).items():
+        splits[name], dropped[name] = tokenize(ds, tokenizer, cfg.data, seed=cfg.train.seed, num_proc=cfg.data.num_proc)
+    if for_training and "train" not in splits:
+        raise ValueError("no training data: set data.train_files or data.dataset")
+    lora_config = to_lora_config(cfg)
+    if adapter_dir is not None:
+        adapter, lora_config, _ = lora_jax.load_adapter(adapter_dir, base_params=params)
+        params = lora_jax.combine(params, adapter)
+    elif lora_config is not None and for_training:
+        params = lora_jax.init_lora(params, lora_config, jax.random.PRNGKey(cfg.train.seed + 1))
+    gen = generation_settings(cfg, model.config, cfg.model.checkpoint)
+    return Run(cfg, model, params, tokenizer, splits, dropped, lora_config, mesh, gen,
+               model.config.pad_token_id, model.config.decoder_start_token_id)
+
+
+def make_optimizer(cfg: RunConfig, lora_config: LoraConfig | None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW over the trainable leaves, its learning-rate schedule) from the optim section."""
+    o = cfg.optim
+    schedule = lora_jax.learning_rate_schedule(o.learning_rate, cfg.train.num_steps, o.warmup_steps, o.schedule)
+    make_tx = lora_jax.adamw_factory(o.weight_decay, o.b1, o.b2, o.eps)
+    tx = lora_jax.lora_optimizer(make_tx, lora_config, learning_rate=schedule, loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+                                 full_finetune=lora_config is None)
+    return tx, schedule

@@ -1,0 +1,237 @@
+"""The training job: fine-tune BART with LoRA (or fully) on a summarization or denoising objective.
+
+    python -m train --config configs/demo.yaml [--set key.sub=value ...]
+
+Re-running the same command resumes from the newest checkpoint in `<output_dir>/checkpoints`.
+Writes to `<output_dir>`: metrics.jsonl, tensorboard/, checkpoints/, adapter/ (LoRA) or model/ (full), loss_curve.png,
+samples.txt, predictions.jsonl, summary.json, config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+import lora_jax
+from lora_jax import sharding
+from lora_jax.checkpoints.files import dir_bytes
+from lora_jax.data import TrainBatches
+from lora_jax.models.bart import IGNORE
+from lora_jax.training import TrainCheckpointer, TrainState
+from lora_jax.training.runtime import release_host_memory
+from lora_jax.training.step import StepFn
+from train import evaluate
+from train.build import Run, build, make_optimizer
+from train.config import RunConfig, config_to_dict
+from train.metrics_log import MetricsLog, plot_loss_curve
+
+log = logging.getLogger("train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Machinery:
+    """What the loop runs with, made once per run: the jitted steps, the batch stream, the checkpointer, the log."""
+
+    train_step: StepFn
+    eval_step: Callable
+    batches: TrainBatches
+    checkpointer: TrainCheckpointer
+    metrics_log: MetricsLog
+    is_main: bool  # only process 0 writes files
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """Where training stands: the TrainState plus what a resumed run needs to carry on (`resume_info`, saved as JSON
+    with every checkpoint) and what the summary reports."""
+
+    state: TrainState
+    position: dict | None = None  # data position after the last batch taken (TrainBatches)
+    rouge_before: dict | None = None  # ROUGE of the model before fine-tuning, when measured
+    last_metrics: dict = dataclasses.field(default_factory=dict)  # the last logged train metrics
+    stopped_early: bool = False  # SIGTERM or a preemption notice stopped the run
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def resume_info(self) -> dict:
+        return {"position": self.position, "rouge_before": self.rouge_before}
+
+
+def _checkpointable(state: TrainState) -> dict:
+    return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}
+
+
+def _fmt(scores: dict) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in scores.items())
+
+
+def _rouge(run: Run, params, split: str) -> tuple[dict, list, list, list]:
+    return evaluate.score(run.apply_model, params, run.tokenizer, run.splits[split], run.cfg, run.gen, run.pad_id, run.start_id)
+
+
+def make_machinery(run: Run, state: TrainState, schedule, state_shardings, is_main: bool) -> Machinery:
+    cfg, out = run.cfg, run.cfg.train.output_dir
+    train_step = lora_jax.make_train_step(
+        run.model, run.lora_config, label_smoothing=cfg.optim.label_smoothing, grad_accum_steps=cfg.optim.grad_accum_steps,
+        max_grad_norm=cfg.optim.max_grad_norm, schedule=schedule,
+        shardings=None if state_shardings is None else (state_shardings, sharding.batch_sharding(run.mesh)),
+    )
+    batches = TrainBatches(run.splits["train"], cfg.train.batch_size, cfg.data.max_source_length, cfg.data.max_target_length,
+                           pad_id=run.pad_id, decoder_start_id=run.start_id, seed=cfg.train.seed, padding=cfg.data.padding)
+    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                     save_every=cfg.train.save_every)
+    return Machinery(train_step, lora_jax.make_eval_step(run.model, run.lora_config), batches, checkpointer,
+                     MetricsLog(out, enabled=is_main), is_main)
+
+
+def start(run: Run, m: Machinery, state: TrainState) -> LoopState:
+    """The newest readable checkpoint's LoopState, or a fresh one (scoring the base first with eval.rouge_before)."""
+    restored = m.checkpointer.restore_latest(_checkpointable(state))
+    if restored is not None:
+        pieces, info, step = restored
+        log.info("resumed from step %d (data position %s)", step, info["position"])
+        return LoopState(state.replace(**pieces), position=info["position"], rouge_before=info.get("rouge_before"))
+    if not (run.cfg.eval.rouge_before and "eval" in run.splits):
+        return LoopState(state)
+    scores, *_ = _rouge(run, state.params, "eval")
+    log.info("ROUGE before fine-tuning: %s", _fmt(scores))
+    m.metrics_log.write(0, "eval_before", scores)
+    return LoopState(state, rouge_before=scores)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Runs (or resumes) training; returns the summary that is also written to summary.json."""
+    sharding.maybe_initialize_distributed()
+    is_main = sharding.is_main_process()
+    out = cfg.train.output_dir
+    os.makedirs(out, exist_ok=True)
+    run = build(cfg)
+    full = run.lora_config is None
+    trainable, total, percent = lora_jax.count_params(run.params, run.lora_config, full_finetune=full, verbose=is_main)
+    tx, schedule = make_optimizer(cfg, run.lora_config)
+    state = lora_jax.create_train_state(run.params, run.lora_config, tx, full_finetune=full)
+    state_shardings = None
+    if run.mesh.size > 1:
+        state, state_shardings = sharding.shard_state(state, run.mesh)
+    m = make_machinery(run, state, schedule, state_shardings, is_main)
+    if is_main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config_to_dict(cfg), f, indent=2)
+    loop = run_steps(run, m, start(run, m, state))
+    summary = {"steps": loop.step, "stopped_early": loop.stopped_early,
+               "train_compilations": m.train_step.num_compilations(), "last_train_metrics": loop.last_metrics,
+               "output_dir": out}
+    if not loop.stopped_early:
+        summary.update(finish(run, m, loop))
+    summary.update(trainable_params=trainable, total_params=total, trainable_percent=percent,
+                   rows_dropped=run.dropped, batch_shapes_possible=len(m.batches.shapes()))
+    m.checkpointer.close()
+    m.metrics_log.close()
+    if is_main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+    return summary
+
+
+def _counted_tokens(batch) -> int:
+    """Source tokens plus counted target tokens of a batch (for tokens/s)."""
+    return int(np.asarray(batch["attention_mask"]).sum() + (np.asarray(batch["labels"]) != IGNORE).sum())
+
+
+def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
+    """Steps from `loop.step` to train.num_steps (or until SIGTERM), logging, evaluating and checkpointing as the
+    train section says -> the LoopState after the last step taken (checkpointed)."""
+    from tqdm import tqdm
+
+    cfg, rng = run.cfg.train, jax.random.PRNGKey(run.cfg.train.seed)
+    stream = m.batches.batches(loop.position)
+    bar = tqdm(total=cfg.num_steps, initial=loop.step, disable=not m.is_main, dynamic_ncols=True, desc="train")
+    window_tokens, window_start = 0, time.perf_counter()
+    compilations = m.train_step.num_compilations()
+    for step in range(loop.step + 1, cfg.num_steps + 1):
+        batch, position = next(stream)
+        if run.mesh.size > 1:
+            batch = sharding.shard_batch({k: v[sharding.host_slice(len(v))] for k, v in batch.items()}, run.mesh)
+        state, metrics = m.train_step(loop.state, batch, rng)
+        loop = dataclasses.replace(loop, state=state, position=position)
+        if m.train_step.num_compilations() > compilations:  # a new bucket shape was compiled: drop the compiler's garbage
+            compilations = m.train_step.num_compilations()
+            release_host_memory()
+        window_tokens += _counted_tokens(batch)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+            loop = dataclasses.replace(loop, last_metrics=_log_train(m, bar, step, metrics, window_tokens, window_start))
+            window_tokens, window_start = 0, time.perf_counter()
+        bar.update(1)
+        if "eval" in run.splits and step % cfg.eval_every == 0 and step != cfg.num_steps:
+            loss = evaluate.eval_loss(m.eval_step, state.params, run.splits["eval"], run.cfg, run.pad_id, run.start_id)
+            m.metrics_log.write(step, "eval", {"loss": loss})
+        if m.checkpointer.should_stop(step):
+            loop = dataclasses.replace(loop, stopped_early=True)
+            break
+        m.checkpointer.maybe_save(step, _checkpointable(state), loop.resume_info())
+    bar.close()
+    m.checkpointer.maybe_save(loop.step, _checkpointable(loop.state), loop.resume_info(), force=True)
+    return loop
+
+
+def _log_train(m: Machinery, bar, step: int, metrics: dict, window_tokens: int, window_start: float) -> dict:
+    """Writes the step's metrics with the tokens/s since the last log -> the metrics written."""
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    record["tokens_per_s"] = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+    m.metrics_log.write(step, "train", record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record.get('learning_rate', 0):.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+    return record
+
+
+def finish(run: Run, m: Machinery, loop: LoopState) -> dict:
+    """Final evaluation, ROUGE, samples, loss curve, and the adapter (or model) on disk."""
+    cfg, out, result = run.cfg, run.cfg.train.output_dir, {}
+    params = loop.state.params
+    if "eval" in run.splits:
+        result["eval_loss"] = evaluate.eval_loss(m.eval_step, params, run.splits["eval"], cfg, run.pad_id, run.start_id)
+        scores, preds, refs, sources = _rouge(run, params, "eval")
+        result.update(rouge_before=loop.rouge_before, rouge_after=scores)
+        m.metrics_log.write(loop.step, "eval", {"loss": result["eval_loss"], **scores})
+        if m.is_main:
+            evaluate.write_predictions(os.path.join(out, "predictions.jsonl"), sources, preds, refs)
+            _write_samples(out, sources, preds, refs, cfg.eval.num_samples)
+            if loop.rouge_before:
+                log.info("ROUGE before: %s", _fmt(loop.rouge_before))
+            log.info("ROUGE after:  %s", _fmt(scores))
+    if m.is_main:
+        result["saved"] = save_result(run, loop.state, out)
+        result["loss_curve"] = plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curve.png"))
+        log.info("saved %s (%.1f KB)", result["saved"]["path"], result["saved"]["bytes"] / 1024)
+    return result
+
+
+def save_result(run: Run, state: TrainState, out: str) -> dict:
+    """Writes the adapter (LoRA) or the full model (full fine-tuning); returns what was written and its size."""
+    params = jax.device_get(state.params)
+    if run.lora_config is not None:
+        path = os.path.join(out, "adapter")
+        lora_jax.save_adapter(path, params, run.lora_config, base_model=run.cfg.model.checkpoint or "random-init",
+                              base_params=params)
+    else:
+        path = os.path.join(out, "model")
+        lora_jax.save_pretrained(path, params, run.model.config, generation_config=run.gen,
+                                 tokenizer_dir=run.cfg.model.tokenizer or run.cfg.model.checkpoint)
+    return {"path": path, "bytes": dir_bytes(path)}
+
+
+def _write_samples(out: str, sources, preds, refs, n: int) -> None:
+    lines = []
+    for s, p, r in list(zip(sources, preds, refs))[:n]:
+        lines += [f"SOURCE:     {s[:300]}", f"PREDICTION: {p}", f"REFERENCE:  {r}", ""]
+    with open(os.path.join(out, "samples.txt"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
