@@ -8,7 +8,7 @@ quality_rouge_vs_params.png. Not part of CI (about an hour on 2 CPU cores).
 
 Each system runs in its own child process (python -m bench.quality --child SPEC), so its peak memory (RSS, the
 process's lifetime high-water mark: weights, data, compiled steps, beam search) is its own. A run is
-`train.train.train` itself (the demo's code path) with the run's overrides, then a beam-search ROUGE pass on the test
+`train.loop.train` itself (the demo's code path) with the run's overrides, then a beam-search ROUGE pass on the test
 split with the trained adapter or model.
 """
 
@@ -54,7 +54,7 @@ def run_one(spec: dict, lr: float, seed: int, steps: int, work: str) -> dict:
     """Trains one (system, lr, seed) through the demo's code path: validation ROUGE, eval loss, wall time, and where
     the adapter (or model) went."""
     from train.config import load_config
-    from train.train import train
+    from train.loop import train
 
     out_dir = os.path.join(work, f"{spec['name']}_lr{lr:g}_s{seed}")
     cfg = load_config(DEMO_CONFIG, _overrides(spec, lr, seed, steps, out_dir))
@@ -71,7 +71,7 @@ def test_rouge(spec: dict, record: dict, work: str) -> dict:
     """ROUGE on the test split of a trained run (its adapter on the base, or its fully fine-tuned model)."""
     from train.config import load_config
     from train.evaluate import score
-    from train.train import build
+    from train.build import build
 
     sets = _overrides(spec, record["learning_rate"], record["seed"], record["steps"], work)
     if spec["mode"] == "full":
@@ -88,7 +88,7 @@ def child(spec: dict, out: str | None) -> None:
     for the chosen rate's runs only (the others are never looked at on test)."""
     from bench.common import emit
     from bench.memory import max_rss_bytes
-    from lora_jax.runtime import use_memory_aware_cpu_scheduler
+    from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
 
     use_memory_aware_cpu_scheduler()
     with tempfile.TemporaryDirectory() as work:

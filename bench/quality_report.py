@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 
-from lora_jax.metrics import rouge
+from train.rouge import rouge
 
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL")
 PLOT_NAME = "quality_rouge_vs_params.png"

@@ -22,7 +22,7 @@ import numpy as np
 import lora_jax
 from lora_jax.data.batching import collate
 from lora_jax.generation import generate
-from lora_jax.metrics import rouge
+from train.rouge import rouge
 
 HELD_OUT = {"pretrain_validation": ("data/pretrain/validation.jsonl", "text"),
             "demo_validation_sources": ("data/demo/validation.jsonl", "source")}
