@@ -8,6 +8,8 @@ import os
 import platform
 import statistics
 
+import numpy as np
+
 from train.rouge import rouge
 
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL")
@@ -24,8 +26,6 @@ def baseline_table(data_dir: str) -> dict[str, dict[str, dict[str, float]]]:
     from scripts.make_demo_data import baseline_scores
 
     def score(prediction: str, reference: str):
-        import numpy as np
-
         s = rouge([prediction], [reference])
         return np.array([s[k] for k in ROUGE_COLUMNS])
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-import numpy as np
-
 import lora_jax
-from lora_jax.data.batching import collate
+from lora_jax.data.batching import eval_batches
 from lora_jax.generation import generate
 from train.rouge import rouge
 
@@ -31,24 +28,24 @@ HELD_OUT = {"pretrain_validation": ("data/pretrain/validation.jsonl", "text"),
 def probe(model, params, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 32) -> dict:
     """{'copy_rouge_l', 'loss_right', 'loss_shuffled', 'loss_ratio'} of `model` on `texts`."""
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    shuffled = ids[1:] + ids[:1]
-    eval_step = lora_jax.make_eval_step(model)
     cfg = model.config
+
+    def batches(sources):
+        rows = [{"input_ids": s, "labels": t} for s, t in zip(sources, ids)]
+        return (b for b, _ in eval_batches(rows, batch_size, max_length, max_length, pad_id=cfg.pad_token_id,
+                                           decoder_start_id=cfg.decoder_start_token_id))
+
+    eval_step = lora_jax.make_eval_step(model)
     losses = {}
-    for name, sources in (("right", ids), ("shuffled", shuffled)):
-        loss_sum = tokens = 0.0
-        for k in range(0, len(ids), batch_size):
-            rows = [{"input_ids": s, "labels": t} for s, t in zip(sources[k : k + batch_size], ids[k : k + batch_size])]
-            out = eval_step(params, collate(rows, max_length, max_length, cfg.pad_token_id, cfg.decoder_start_token_id, batch_size))
-            loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-        losses[name] = loss_sum / tokens
+    for name, sources in (("right", ids), ("shuffled", ids[1:] + ids[:1])):
+        outs = [eval_step(params, batch) for batch in batches(sources)]
+        losses[name] = sum(float(o["loss_sum"]) for o in outs) / sum(float(o["tokens"]) for o in outs)
     predictions = []
-    for k in range(0, len(ids), batch_size):
-        rows = [{"input_ids": s, "labels": s} for s in ids[k : k + batch_size]]
-        batch = collate(rows, max_length, max_length, cfg.pad_token_id, cfg.decoder_start_token_id, batch_size)
+    for batch in batches(ids):
         out = generate(model, params, batch["input_ids"], batch["attention_mask"], num_beams=1, max_new_tokens=max_length,
                        no_repeat_ngram_size=0)
-        predictions += [t.strip() for t in tokenizer.batch_decode(out[: len(rows)], skip_special_tokens=True)]
+        texts_out = tokenizer.batch_decode(out[batch["example_mask"].astype(bool)], skip_special_tokens=True)
+        predictions += [t.strip() for t in texts_out]
     references = tokenizer.batch_decode(ids, skip_special_tokens=True)  # the text as truncated to max_length
     return {"copy_rouge_l": rouge(predictions, references)["rougeL"], "loss_right": losses["right"],
             "loss_shuffled": losses["shuffled"], "loss_ratio": losses["right"] / losses["shuffled"],
@@ -73,7 +70,6 @@ def main(argv=None) -> None:
         report[name] = probe(model, params, tokenizer, _texts(path, column, args.n), args.max_length)
         report[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in report[name].items()}
     print(json.dumps(report, indent=2))
-    jax.clear_caches()
 
 
 if __name__ == "__main__":
