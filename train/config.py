@@ -112,6 +112,11 @@ class TrainSection:
     log_every: int = 10
     seed: int = 0
     output_dir: str = "runs/default"
+    # Divergence guard (train/guard.py): a step whose loss or gradient norm is not finite is skipped (not applied);
+    # this many skipped steps in a row stop the run.
+    max_nonfinite_steps: int = 10
+    # Stop when a logged train loss exceeds this multiple of the median of the earlier logged losses (null: off).
+    divergence_factor: float | None = 3.0
 
 
 # `eval`: the beam-search settings of ROUGE evaluation (GenerationConfig fields, on top of the checkpoint's own
