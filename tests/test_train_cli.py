@@ -1,7 +1,10 @@
-"""`python -m train` end to end on the fixture model: outputs, kill -9 and resume, SIGTERM, corrupt checkpoints."""
+"""`python -m train` end to end on the fixture model: outputs, kill -9 and resume, SIGTERM, resume safety, the
+divergence guard, the output-dir lock."""
 
+import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,9 +117,14 @@ def test_kill_9_mid_run_then_resume_gives_the_same_losses(tmp_path, data_dir, un
     assert killed_at < 10
     out = _run(_cmd(config))
     assert "resumed from step" in out.stderr
+    assert "taking over the lock" in out.stderr  # the killed run's lock: its pid is gone
     resumed = _losses(tmp_path / "killed")
     assert sorted(resumed) == list(range(1, 11))
     np.testing.assert_array_equal([resumed[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)])
+    records = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    counts = collections.Counter((r["step"], r["split"]) for r in records if r["split"] == "train")
+    assert counts == {(s, "train"): 1 for s in range(1, 11)}  # replayed steps were superseded, not appended
+    assert not (tmp_path / "killed" / ".lock").exists()
 
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, data_dir):
@@ -144,3 +152,54 @@ def test_missing_column_is_reported_by_key(tmp_path, data_dir):
     config = _config(tmp_path, data_dir, "badcol")
     out = subprocess.run(_cmd(config, "--set", "data.target_column=summary"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "data.target_column: the dataset has no column 'summary'" in out.stderr
+
+
+def test_resume_with_another_config_is_refused_unless_asked_for(tmp_path, data_dir, uninterrupted):
+    shutil.copytree(uninterrupted[0], tmp_path / "again")
+    config = _config(tmp_path, data_dir, "again")
+    before = sorted(os.listdir(tmp_path / "again" / "checkpoints"))
+    out = subprocess.run(_cmd(config, "--set", "lora.alpha=4"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "lora.alpha: 8.0 -> 4.0" in error[0]
+    assert "--resume-with-changes" in error[0] and "train.output_dir" in error[0]
+    assert sorted(os.listdir(tmp_path / "again" / "checkpoints")) == before
+    # keys that do not change training may differ
+    _run(_cmd(config, "--set", "train.log_every=3", "--set", "eval.num_beams=1", "--set", "eval.rouge_before=true"))
+    out = _run(_cmd(config, "--set", "lora.alpha=4", "--set", "train.num_steps=12", "--resume-with-changes"))
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resume_changes"][0]["step"] == 10
+    assert summary["resume_changes"][0]["changes"] == {"lora.alpha": [8.0, 4.0], "train.num_steps": [10, 12]}
+
+
+def test_a_diverging_run_stops_nonzero_and_keeps_its_last_good_checkpoint(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, "diverged", save_every=1, log_every=1)
+    out = subprocess.run(_cmd(config, "--set", "optim.learning_rate=1e6"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 3, out.stderr[-2000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "training diverged at step" in error[0] and "last good checkpoint is step 1" in error[0]
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["last_good_checkpoint"] == 1
+    assert not (tmp_path / "diverged" / "adapter").exists()
+    assert os.listdir(tmp_path / "diverged" / "checkpoints").count("1") == 1
+    # the good checkpoint is intact: continue from it at a sane learning rate
+    out = _run(_cmd(config, "--resume-with-changes"))
+    assert "resumed from step 1" in out.stderr
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["last_train_metrics"]["loss"] < 1.0
+
+
+def test_a_second_run_into_the_same_output_dir_fails_at_once(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, "busy", num_steps=1_000_000, save_every=1_000_000, log_every=1)
+    proc = subprocess.Popen(_cmd(config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(tmp_path / "busy", 2, proc)
+        second = subprocess.run(_cmd(config), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.poll() is None  # the first run goes on
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    error = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(error) == 1 and f"in use by another run (pid {proc.pid} on " in error[0]
+    assert "train.output_dir" in error[0]

@@ -15,6 +15,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value with a dotted key, e.g. --set lora.mode=full (repeatable)")
+    ap.add_argument("--resume-with-changes", action="store_true",
+                    help="resume from the output dir's checkpoint even though the run's configuration, base, data or "
+                         "tokenizer changed since it was saved (the changes are recorded in summary.json)")
     args = ap.parse_args(argv)
     use_memory_aware_cpu_scheduler()  # before the first JAX computation; see lora_jax/training/runtime.py
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # force: importing orbax installs a root handler
@@ -25,15 +28,18 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from train.guard import TrainingDivergedError
+    from train.lock import OutputDirLockedError
     from train.loop import train
 
     try:
-        summary = train(cfg)
-    except (ValueError, FileNotFoundError, OSError) as e:  # bad data, checkpoint or adapter: say what, not where
+        summary = train(cfg, resume_with_changes=args.resume_with_changes)
+    except (ValueError, FileNotFoundError, OSError, OutputDirLockedError, TrainingDivergedError) as e:
+        # bad data, checkpoint, adapter, a busy output dir or a diverged run: say what, not where
         if os.environ.get("LORA_JAX_TRACEBACK"):
             raise
         print(f"error: {e}\n(set LORA_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, TrainingDivergedError) else 2
     print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "eval_loss",
                                                   "rouge_before", "rouge_after", "trainable_params", "saved")}, default=float))
     return 0

@@ -20,6 +20,7 @@ from lora_jax.lora import LoraConfig, LoraModel
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
 from train.config import RunConfig, generation_overrides, to_lora_config
+from train.guard import guard_optimizer
 
 if TYPE_CHECKING:
     import datasets
@@ -96,10 +97,11 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
 
 
 def make_optimizer(cfg: RunConfig, lora_config: LoraConfig | None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(AdamW over the trainable leaves, its learning-rate schedule) from the optim section."""
+    """(AdamW over the trainable leaves, skipping non-finite steps (train.guard); its learning-rate schedule) from the
+    optim section."""
     o = cfg.optim
     schedule = lora_jax.learning_rate_schedule(o.learning_rate, cfg.train.num_steps, o.warmup_steps, o.schedule)
     make_tx = lora_jax.adamw_factory(o.weight_decay, o.b1, o.b2, o.eps)
     tx = lora_jax.lora_optimizer(make_tx, lora_config, learning_rate=schedule, loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
                                  full_finetune=lora_config is None)
-    return tx, schedule
+    return guard_optimizer(tx), schedule

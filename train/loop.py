@@ -9,9 +9,11 @@ samples.txt, predictions.jsonl, summary.json, config.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Callable
@@ -30,7 +32,10 @@ from lora_jax.training.step import StepFn
 from train import evaluate
 from train.build import Run, build, make_optimizer
 from train.config import RunConfig, config_to_dict
+from train.guard import GuardSettings, TrainingDivergedError, all_finite, divergence, remember, skipped_counts
+from train.lock import OutputDirLock
 from train.metrics_log import MetricsLog, plot_loss_curve
+from train.resume import describe_changes, fingerprint_changes, mismatch_error, run_fingerprint
 
 log = logging.getLogger("train")
 
@@ -43,7 +48,8 @@ class Machinery:
     eval_step: Callable
     batches: TrainBatches
     checkpointer: TrainCheckpointer
-    metrics_log: MetricsLog
+    metrics_log: MetricsLog | None  # opened once the step the run continues from is known
+    guard: GuardSettings
     is_main: bool  # only process 0 writes files
 
 
@@ -53,9 +59,14 @@ class LoopState:
     with every checkpoint) and what the summary reports."""
 
     state: TrainState
+    fingerprint: dict  # what defines this run's training (train.resume); saved with every checkpoint
     position: dict | None = None  # data position after the last batch taken (TrainBatches)
     rouge_before: dict | None = None  # ROUGE of the model before fine-tuning, when measured
+    resume_changes: tuple = ()  # changes accepted with --resume-with-changes: ({"step", "changes"}, ...)
     last_metrics: dict = dataclasses.field(default_factory=dict)  # the last logged train metrics
+    losses_seen: tuple = ()  # recent losses read by the divergence guard (train.guard)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    verified_step: int = 0  # the last step whose loss the divergence guard checked and found good
     stopped_early: bool = False  # SIGTERM or a preemption notice stopped the run
 
     @property
@@ -63,7 +74,8 @@ class LoopState:
         return int(self.state.step)
 
     def resume_info(self) -> dict:
-        return {"position": self.position, "rouge_before": self.rouge_before}
+        return {"position": self.position, "rouge_before": self.rouge_before, "fingerprint": self.fingerprint,
+                "resume_changes": list(self.resume_changes)}
 
 
 def _checkpointable(state: TrainState) -> dict:
@@ -89,57 +101,100 @@ def make_machinery(run: Run, state: TrainState, schedule, state_shardings, is_ma
                            pad_id=run.pad_id, decoder_start_id=run.start_id, seed=cfg.train.seed, padding=cfg.data.padding)
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                      save_every=cfg.train.save_every)
-    return Machinery(train_step, lora_jax.make_eval_step(run.model, run.lora_config), batches, checkpointer,
-                     MetricsLog(out, enabled=is_main), is_main)
+    guard = GuardSettings(cfg.train.max_nonfinite_steps, cfg.train.divergence_factor)
+    return Machinery(train_step, lora_jax.make_eval_step(run.model, run.lora_config), batches, checkpointer, None,
+                     guard, is_main)
 
 
-def start(run: Run, m: Machinery, state: TrainState) -> LoopState:
-    """The newest readable checkpoint's LoopState, or a fresh one (scoring the base first with eval.rouge_before)."""
-    restored = m.checkpointer.restore_latest(_checkpointable(state))
-    if restored is not None:
-        pieces, info, step = restored
-        log.info("resumed from step %d (data position %s)", step, info["position"])
-        return LoopState(state.replace(**pieces), position=info["position"], rouge_before=info.get("rouge_before"))
-    if not (run.cfg.eval.rouge_before and "eval" in run.splits):
-        return LoopState(state)
-    scores, *_ = _rouge(run, state.params, "eval")
+def restore(m: Machinery, state: TrainState, fingerprint: dict, resume_with_changes: bool) -> LoopState:
+    """The newest readable checkpoint's LoopState, or a fresh one. A checkpoint trained with another fingerprint
+    stops the run (ResumeMismatchError) unless `resume_with_changes`, which records the changes."""
+    accepted = []
+
+    def accept(step: int, extra: dict) -> bool:
+        changes = fingerprint_changes(extra.get("fingerprint"), fingerprint)
+        if not changes:
+            return True
+        if not resume_with_changes:
+            raise mismatch_error(m.checkpointer.directory, step, changes)
+        log.warning("resuming from step %d with changes (--resume-with-changes): %s", step, describe_changes(changes))
+        accepted.append({"step": step, "changes": changes})
+        return False
+
+    restored = m.checkpointer.restore_latest(_checkpointable(state), accept)
+    if restored is None:
+        return LoopState(state, fingerprint)
+    pieces, info, step = restored
+    log.info("resumed from step %d (data position %s)", step, info["position"])
+    return LoopState(state.replace(**pieces), fingerprint, position=info["position"], rouge_before=info.get("rouge_before"),
+                     resume_changes=tuple(info.get("resume_changes", [])) + tuple(accepted), verified_step=step + 1)
+
+
+def score_base(run: Run, m: Machinery, loop: LoopState) -> LoopState:
+    """A fresh run scores the base first (eval.rouge_before) -> the LoopState holding the scores."""
+    if loop.step > 0 or not (run.cfg.eval.rouge_before and "eval" in run.splits):
+        return loop
+    scores, *_ = _rouge(run, loop.state.params, "eval")
     log.info("ROUGE before fine-tuning: %s", _fmt(scores))
     m.metrics_log.write(0, "eval_before", scores)
-    return LoopState(state, rouge_before=scores)
+    return dataclasses.replace(loop, rouge_before=scores)
 
 
-def train(cfg: RunConfig) -> dict:
-    """Runs (or resumes) training; returns the summary that is also written to summary.json."""
+def train(cfg: RunConfig, resume_with_changes: bool = False) -> dict:
+    """Runs (or resumes) training; returns the summary that is also written to summary.json. Raises
+    ResumeMismatchError (another configuration in the checkpoints), OutputDirLockedError (another run writes there)
+    and TrainingDivergedError (the guard stopped the run; summary.json says so and no adapter is written)."""
     sharding.maybe_initialize_distributed()
     is_main = sharding.is_main_process()
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    with OutputDirLock(cfg.train.output_dir) if is_main else contextlib.nullcontext():
+        return _train_locked(cfg, resume_with_changes, is_main)
+
+
+def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> dict:
     out = cfg.train.output_dir
-    os.makedirs(out, exist_ok=True)
     run = build(cfg)
     full = run.lora_config is None
     trainable, total, percent = lora_jax.count_params(run.params, run.lora_config, full_finetune=full, verbose=is_main)
+    fingerprint = run_fingerprint(config_to_dict(cfg), run.params, run.tokenizer, run.splits["train"],
+                                  cfg.data.train_files if cfg.data.dataset is None else None)
     tx, schedule = make_optimizer(cfg, run.lora_config)
     state = lora_jax.create_train_state(run.params, run.lora_config, tx, full_finetune=full)
     state_shardings = None
     if run.mesh.size > 1:
         state, state_shardings = sharding.shard_state(state, run.mesh)
     m = make_machinery(run, state, schedule, state_shardings, is_main)
-    if is_main:
+    loop = restore(m, state, fingerprint, resume_with_changes)
+    m = dataclasses.replace(m, metrics_log=MetricsLog(out, enabled=is_main, resume_step=loop.step))
+    if is_main:  # written only once resuming is known to be allowed
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(config_to_dict(cfg), f, indent=2)
-    loop = run_steps(run, m, start(run, m, state))
-    summary = {"steps": loop.step, "stopped_early": loop.stopped_early,
-               "train_compilations": m.train_step.num_compilations(), "last_train_metrics": loop.last_metrics,
-               "output_dir": out}
+    summary = {"output_dir": out, "trainable_params": trainable, "total_params": total, "trainable_percent": percent,
+               "rows_dropped": run.dropped, "batch_shapes_possible": len(m.batches.shapes())}
+    try:
+        loop = run_steps(run, m, score_base(run, m, loop))
+    except TrainingDivergedError as e:
+        kept = m.checkpointer.steps()
+        summary.update(status="diverged", error=str(e), steps=e.step, last_good_checkpoint=kept[0] if kept else None,
+                       train_compilations=m.train_step.num_compilations())
+        _close(m, summary, is_main)
+        raise
+    summary.update(status="stopped_early" if loop.stopped_early else "finished", steps=loop.step,
+                   stopped_early=loop.stopped_early, train_compilations=m.train_step.num_compilations(),
+                   last_train_metrics=loop.last_metrics, skipped_steps=loop.skipped_steps,
+                   resume_changes=list(loop.resume_changes))
     if not loop.stopped_early:
         summary.update(finish(run, m, loop))
-    summary.update(trainable_params=trainable, total_params=total, trainable_percent=percent,
-                   rows_dropped=run.dropped, batch_shapes_possible=len(m.batches.shapes()))
+    _close(m, summary, is_main)
+    return summary
+
+
+def _close(m: Machinery, summary: dict, is_main: bool) -> None:
     m.checkpointer.close()
     m.metrics_log.close()
     if is_main:
-        with open(os.path.join(out, "summary.json"), "w") as f:
+        with open(os.path.join(summary["output_dir"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
-    return summary
 
 
 def _counted_tokens(batch) -> int:
@@ -147,16 +202,51 @@ def _counted_tokens(batch) -> int:
     return int(np.asarray(batch["attention_mask"]).sum() + (np.asarray(batch["labels"]) != IGNORE).sum())
 
 
+def guard_check(m: Machinery, loop: LoopState, metrics: dict, step: int, saving: bool) -> LoopState:
+    """Reads the step's loss and the skip counters (a host sync: call it where the loop syncs anyway; with
+    `saving`, also checks that the trainable leaves are finite) and stops a diverged run -> the LoopState with the
+    loss remembered and `step` as the newest verified one."""
+    loss = float(jax.device_get(metrics["loss"]))
+    in_a_row, total = skipped_counts(loop.state.opt_state)
+    if total > loop.skipped_steps:
+        log.warning("step %d: %d step(s) skipped so far for a non-finite loss or gradient norm", step, total)
+    reason = divergence(m.guard, loss, loop.losses_seen, in_a_row)
+    if reason is None and saving and not all_finite(loop.state.trainable):
+        reason = "the trainable parameters are no longer finite"
+    if reason is not None:
+        stop_diverged(m, loop, step, reason)
+    # A non-finite loss vouches for nothing: the parameters it was computed from may be the first bad ones.
+    verified = step if math.isfinite(loss) else loop.verified_step
+    return dataclasses.replace(loop, losses_seen=remember(loop.losses_seen, loss), skipped_steps=total, verified_step=verified)
+
+
+def stop_diverged(m: Machinery, loop: LoopState, step: int, reason: str) -> None:
+    """Sets aside the checkpoints no good loss has vouched for and raises TrainingDivergedError.
+
+    The loss of step s is computed from the parameters after update s - 1, so the last check that passed (step v)
+    vouches for checkpoints up to step v - 1; a checkpoint saved at v or later may hold the first bad update."""
+    for suspect in [s for s in m.checkpointer.steps() if s >= loop.verified_step]:
+        m.checkpointer.set_aside(suspect, f"saved after step {loop.verified_step - 1}, the last one a good loss vouches for",
+                                 suffix=".diverged", what="may hold diverged weights")
+    kept = m.checkpointer.steps()
+    where = (f"the last good checkpoint is step {kept[0]} in {m.checkpointer.directory} (continue from it with the new "
+             "settings and --resume-with-changes, or" if kept else "no good checkpoint exists (")
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: {reason}; the run stopped without saving, {where} start fresh in "
+        "another train.output_dir). Lower optim.learning_rate or raise optim.warmup_steps", step)
+
+
 def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
     """Steps from `loop.step` to train.num_steps (or until SIGTERM), logging, evaluating and checkpointing as the
-    train section says -> the LoopState after the last step taken (checkpointed)."""
+    train section says, the divergence guard checked before every log and save -> the LoopState after the last step
+    taken (checkpointed)."""
     from tqdm import tqdm
 
     cfg, rng = run.cfg.train, jax.random.PRNGKey(run.cfg.train.seed)
     stream = m.batches.batches(loop.position)
     bar = tqdm(total=cfg.num_steps, initial=loop.step, disable=not m.is_main, dynamic_ncols=True, desc="train")
     window_tokens, window_start = 0, time.perf_counter()
-    compilations = m.train_step.num_compilations()
+    compilations, metrics = m.train_step.num_compilations(), None
     for step in range(loop.step + 1, cfg.num_steps + 1):
         batch, position = next(stream)
         if run.mesh.size > 1:
@@ -167,20 +257,30 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
             compilations = m.train_step.num_compilations()
             release_host_memory()
         window_tokens += _counted_tokens(batch)
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
+        logging_now = step % cfg.log_every == 0 or step == cfg.num_steps
+        stopping = m.checkpointer.should_stop(step)
+        if logging_now or stopping or m.checkpointer.due(step):
+            loop = guard_check(m, loop, metrics, step, saving=stopping or m.checkpointer.due(step))
+        if logging_now:
             loop = dataclasses.replace(loop, last_metrics=_log_train(m, bar, step, metrics, window_tokens, window_start))
             window_tokens, window_start = 0, time.perf_counter()
         bar.update(1)
         if "eval" in run.splits and step % cfg.eval_every == 0 and step != cfg.num_steps:
             loss = evaluate.eval_loss(m.eval_step, state.params, run.splits["eval"], run.cfg, run.pad_id, run.start_id)
             m.metrics_log.write(step, "eval", {"loss": loss})
-        if m.checkpointer.should_stop(step):
+        if stopping:
             loop = dataclasses.replace(loop, stopped_early=True)
             break
-        m.checkpointer.maybe_save(step, _checkpointable(state), loop.resume_info())
+        m.checkpointer.maybe_save(step, _checkpointable(state), loop.resume_info(), also_keep=_last_trusted(m, loop))
     bar.close()
-    m.checkpointer.maybe_save(loop.step, _checkpointable(loop.state), loop.resume_info(), force=True)
+    m.checkpointer.maybe_save(loop.step, _checkpointable(loop.state), loop.resume_info(), force=True,
+                              also_keep=_last_trusted(m, loop))
     return loop
+
+
+def _last_trusted(m: Machinery, loop: LoopState) -> int | None:
+    """The newest checkpoint a good loss has vouched for (see stop_diverged): retention keeps it."""
+    return max((s for s in m.checkpointer.steps() if s < loop.verified_step), default=None)
 
 
 def _log_train(m: Machinery, bar, step: int, metrics: dict, window_tokens: int, window_start: float) -> dict:

@@ -1,22 +1,71 @@
 """Training-state checkpoints for resuming: Orbax `CheckpointManager` over what changes during training.
 
 Saved per step: the step counter, the trainable leaves (adapters; everything in full fine-tuning), the optimizer
-state, and a small JSON of the data position and RNG seed. The frozen base is never written. Orbax writes each step
-to a temporary directory and renames it when complete, so a killed save leaves no step that looks valid; a step that
-is corrupt anyway (truncated or deleted files) is reported and skipped in favour of the one before it.
+state, and a small JSON (`extra`: data position, the run's fingerprint, ...). The frozen base is never written.
+
+Hygiene, so that a damaged directory never costs a good checkpoint:
+- Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete; leftovers of a killed or
+  failed save are removed when the checkpointer opens the directory and when a save fails.
+- A step found unreadable is renamed `<step>.corrupt` (kept for inspection, invisible to Orbax): it is never counted
+  by `keep`, never restored again, and never blocks a new save of the same step number.
+- Retention keeps the newest `keep` complete steps, plus the step the caller names as the last trusted one (a
+  training loop's last checkpoint vouched for by a good loss), so a diverging run never deletes its last good state.
+- A save that fails for lack of space raises `CheckpointWriteError` naming the path, the size needed and the free
+  space, after removing the partial write; the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
+import shutil
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+TMP_MARKER = ".orbax-checkpoint-tmp"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the message says where and what is still intact."""
+
+
+def remove_partial_saves(directory: str) -> list[str]:
+    """Deletes the temporary directories of saves that never completed in `directory` -> the paths removed."""
+    removed = sorted(glob.glob(os.path.join(glob.escape(directory), f"*{TMP_MARKER}*")))
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed the partial checkpoint save %s (a save that never completed)", path)
+    return removed
+
+
+def move_aside(directory: str, step: int, suffix: str = CORRUPT_SUFFIX) -> str:
+    """Renames checkpoint `step` to `<step><suffix>` (or `<step><suffix>-2`, ...) -> the new path."""
+    source = os.path.join(directory, str(step))
+    target, n = source + suffix, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{source}{suffix}-{n}"
+    os.rename(source, target)
+    return target
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    text = str(error)
+    # TensorStore reports a full disk as a RESOURCE_EXHAUSTED status inside a ValueError, not as an OSError.
+    return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        marker in text for marker in ("No space left", "RESOURCE_EXHAUSTED", "Disk quota exceeded"))
+
+
+def tree_nbytes(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
 class TrainCheckpointer:
@@ -25,10 +74,12 @@ class TrainCheckpointer:
     def __init__(self, directory: str, keep: int = 2, save_every: int = 100, handle_sigterm: bool = True):
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
+        self.keep = keep
         self._stop = False
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
-        )
+        os.makedirs(self.directory, exist_ok=True)
+        remove_partial_saves(self.directory)
+        # Retention is `prune`'s (Orbax's max_to_keep cannot protect an older trusted step).
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         if handle_sigterm:
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -41,38 +92,91 @@ class TrainCheckpointer:
         """True after SIGTERM or when Orbax sees a preemption notice (multi-host TPU)."""
         return self._stop or (step is not None and self.manager.reached_preemption(step))
 
-    def maybe_save(self, step: int, state: Any, extra: dict, force: bool = False) -> bool:
-        """Saves `state` (a pytree without the frozen base) and `extra` (JSON) at `step` when due or forced."""
-        if not force and (step == 0 or step % self.save_every):
-            return False
+    def steps(self) -> list[int]:
+        """The complete checkpoints on disk, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.save_every == 0 and step not in self.manager.all_steps()
+
+    def prune(self, also_keep: int | None = None) -> None:
+        """Deletes all but the newest `keep` steps and `also_keep`."""
+        steps = self.steps()
+        for step in steps[self.keep:]:
+            if step != also_keep:
+                self.manager.delete(step)
+
+    def save(self, step: int, state: Any, extra: dict, also_keep: int | None = None) -> bool:
+        """Saves `state` (a pytree without the frozen base) and `extra` (JSON) at `step`, then prunes old steps
+        (keeping `also_keep`); False if `step` exists."""
         if step in self.manager.all_steps():
             return False
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True
-        )
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            extra=ocp.args.JsonSave(extra)), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if not _is_out_of_space(e):
+                raise
+            remove_partial_saves(self.directory)
+            self.manager.reload()
+            previous = self.steps()
+            intact = f"the previous checkpoint (step {previous[0]}) is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"no space left to write checkpoint step {step} in {self.directory}: it needs about "
+                f"{tree_nbytes(state) / 2**20:.1f} MiB, {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB are "
+                f"free there; {intact}. Free some space (or set train.output_dir elsewhere) and re-run to resume") from None
+        self.prune(also_keep)
         return True
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
-        """(state, extra, step) from the newest readable checkpoint, or None when there is none.
+    def maybe_save(self, step: int, state: Any, extra: dict, force: bool = False, also_keep: int | None = None) -> bool:
+        """Saves at `step` when due (every `save_every` steps) or forced; False when nothing was written."""
+        if not (force or self.due(step)):
+            return False
+        return self.save(step, state, extra, also_keep)
 
-        abstract_state: the state's structure (arrays or jax.ShapeDtypeStruct, with shardings to restore into)."""
+    def set_aside(self, step: int, reason: BaseException | str, suffix: str = CORRUPT_SUFFIX,
+                  what: str = "is unreadable") -> None:
+        """Moves checkpoint `step` (unreadable, or not trusted) out of Orbax's sight to `<step><suffix>`, saying why."""
+        path = move_aside(self.directory, step, suffix)
+        self.manager.reload()
+        detail = reason if isinstance(reason, str) else f"{type(reason).__name__}: {str(reason)[:300]}"
+        log.error("checkpoint step %d in %s %s (%s); moved it to %s", step, self.directory, what, detail, path)
+
+    def read_extra(self, step: int) -> dict:
+        """The JSON saved with checkpoint `step` (raises if it cannot be read)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        return dict(restored["extra"])
+
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The state saved at `step`, restored into the structure (and shardings) of `abstract_state`."""
         abstract = jax.tree_util.tree_map(
             lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state,
         )
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"]
+
+    def restore_latest(self, abstract_state: Any, accept: Callable[[int, dict], bool] | None = None
+                       ) -> tuple[Any, dict, int] | None:
+        """(state, extra, step) from the newest readable checkpoint, or None when there is none; unreadable steps are
+        set aside on the way. `accept(step, extra)` may raise to refuse resuming (e.g. another configuration); when
+        it returns False, a failing restore is an error (the arrays may not fit by design) rather than corruption."""
+        for step in self.steps():
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
-                )
+                extra = self.read_extra(step)
             except Exception as e:  # orbax raises many types for damaged files; every one means "unreadable"
-                log.error(
-                    "checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous one",
-                    step, self.directory, type(e).__name__, str(e)[:300],
-                )
+                self.set_aside(step, e)
                 continue
-            return restored["state"], dict(restored["extra"]), step
+            exact = True if accept is None else accept(step, extra)
+            try:
+                return self.restore(step, abstract_state), extra, step
+            except Exception as e:
+                if not exact:
+                    raise ValueError(f"checkpoint step {step} in {self.directory} does not fit this run's arrays "
+                                     f"({type(e).__name__}: {str(e)[:200]}): the changes alter the trained shapes, "
+                                     "so this run cannot continue from it; start fresh in another train.output_dir") from None
+                self.set_aside(step, e)
         return None
 
     def close(self) -> None:

@@ -172,7 +172,8 @@ def train_update(
       counted), optional decoder_attention_mask (B, T). With grad_accum_steps = k, B is split into k micro-batches;
       the gradient is the token-weighted mean over all B rows, exactly the full-batch gradient.
     rng: the run's key; the step folds in `state.step`, so the same key can be passed every step.
-    metrics: loss (mean over tokens), tokens, grad_norm (before clipping), learning_rate (when `schedule` is given).
+    metrics: loss (mean over tokens), tokens, grad_norm (before clipping), finite (bool: loss and grad_norm are
+      finite; when not, every gradient entry is NaN), learning_rate (when `schedule` is given).
     Every keyword argument is static: bind them with functools.partial before `jax.jit`.
     """
     rng = _dropout_key(jax.random.fold_in(rng, state.step), dropout_rng_impl)
@@ -181,12 +182,17 @@ def train_update(
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
+    loss = loss_sum / denom
+    # A non-finite loss or norm poisons the whole gradient, so a non-finite guard around `tx`
+    # (`optax.apply_if_finite`, as `python -m train` uses) skips the step even where single entries are finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.nan), grads)
     if max_grad_norm is not None:
         factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
         grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": grad_norm}
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
     if schedule is not None:
         metrics["learning_rate"] = schedule(state.step)
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
