@@ -157,3 +157,25 @@ def tokenizer():
     from tests.conftest import MODEL_DIR
 
     return lora_jax.load_tokenizer(MODEL_DIR)
+
+
+def test_hub_dataset_values_are_checked_on_the_loaded_dataset(monkeypatch):
+    """data.dataset: the Dataset `datasets.load_dataset` returns is checked like a local file's (no network here: the
+    hub call is replaced by a local Dataset)."""
+    import datasets
+
+    def load_dataset(name, config, split):
+        if split != "train":
+            raise ValueError(f"Unknown split {split!r}")  # what datasets raises for a split the dataset lacks
+        return datasets.Dataset.from_dict({"article": ["a b", "c d"], "abstract": [1, 3]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataSection(dataset="someone/papers", source_column="article", target_column="abstract")
+    with pytest.raises(DataError, match=r"dataset someone/papers split 'train', row 1, column 'abstract' "
+                                        r"\(data.target_column\): value 1 of type int where text is expected"):
+        load_splits(cfg)
+    with pytest.raises(DataError, match=r"data.source_column: dataset someone/papers split 'train' has no column 'doc'"):
+        load_splits(DataSection(dataset="someone/papers", source_column="doc", target_column="abstract"))
+    out = load_splits(DataSection(dataset="someone/papers", source_column="article", target_column="abstract",
+                                  cast_to_string=True))
+    assert out["train"]["abstract"] == ["1", "3"] and set(out) == {"train"}
