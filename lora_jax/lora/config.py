@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from lora_jax.ranges import Ge, Gt, Interval, check_fields, range_violation
 
 INIT_CHOICES = ("gaussian", "kaiming_uniform")
+Rank = Annotated[int, Ge(1)]
+Alpha = Annotated[float, Gt(0)]  # alpha <= 0 would scale the update to nothing or flip its sign
 
 
 def _as_pairs(value: Any, name: str) -> tuple[tuple[str, Any], ...]:
@@ -52,10 +56,10 @@ class LoraConfig:
       B is always zero, so an adapted model starts exactly at its base.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
+    rank: Rank = 8
+    alpha: Alpha = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
-    dropout: float = 0.0
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     use_rslora: bool = False
@@ -71,15 +75,15 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
-        for pattern, r in self.rank_pattern:
-            if not isinstance(r, int) or r < 1:
-                raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}] must be an integer >= 1, got {r!r}")
+        """Raises ValueError naming the field: ranges as declared on the fields (rank >= 1, alpha > 0, dropout in
+        [0, 1)), the same for the values of rank_pattern / alpha_pattern, and well-formed patterns."""
+        check_fields(self, "LoraConfig")
+        for name, hint, pairs in (("rank_pattern", Rank, self.rank_pattern), ("alpha_pattern", Alpha, self.alpha_pattern)):
+            for pattern, value in pairs:
+                if problem := range_violation(value, hint, check_type=True):
+                    raise ValueError(f"LoraConfig.{name}[{pattern!r}] {problem}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one module, e.g. ('q_proj', 'v_proj')")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
         for pattern in self.targets + self.modules_to_save + tuple(p for p, _ in self.rank_pattern + self.alpha_pattern):
