@@ -35,6 +35,7 @@ _UNSUPPORTED = {
     "trainable_token_indices": (None,),
     "layer_replication": (None,),
 }
+SHARED_MODULE = ("model", "shared")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -75,6 +76,12 @@ def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str,
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     out = {}
     for path, value in flat.items():
+        if path[:2] == SHARED_MODULE:
+            raise ValueError(
+                f"{'/'.join(path)}: the adapter changes model/shared, which PEFT's BART never calls (its encoder and "
+                "decoder call embed_tokens, its head is lm_head), so PEFT would compute something else. Untie the base "
+                "(lora_jax.untie_embeddings) and adapt embed_tokens / lm_head, or export a merged model instead"
+            )
         value = np.asarray(value, np.float32)
         if path[-1] in ADAPTER_LEAVES:
             name = "A" if path[-1] == LORA_A else "B"
@@ -213,7 +220,7 @@ def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, st
         if leaf is None and "lora_" in key:
             raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B and lora_embedding_A/B are supported)")
         module = parts[:-2] if leaf is not None and parts[-1] == "weight" else parts[:-1]
-        if module == ["model", "shared"]:
+        if tuple(module) == SHARED_MODULE:
             raise ValueError(
                 f"{key}: the adapter trains model.shared, which BART's forward never calls (the encoder and decoder "
                 "call their embed_tokens, the head is lm_head), so in PEFT it changes nothing until merged; "
