@@ -79,6 +79,7 @@ def make_adapter(out: str, base_dir: str, settings: dict, seed: int):
         if "modules_to_save" in name or "lora_embedding" in name:
             param.add_(torch.randn_like(param) * 0.5)  # as if trained
     peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))  # PEFT's model-card template, not needed
     return PeftModel.from_pretrained(transformers.BartForConditionalGeneration.from_pretrained(base_dir), out).eval()
 
 
