@@ -125,3 +125,11 @@ def test_lora_on_the_tied_shared_embedding_adapts_lookup_and_head_alike(tmp_path
     chex.assert_trees_all_close(unmerged, _logits(model, lora_jax.merge_lora(params, config), ref), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="model/shared/lora_a.*never calls"):
         export_peft(str(tmp_path), params, config, "base")
+
+
+def test_a_head_of_the_wrong_shape_does_not_fit_a_tied_base(tiny):
+    from lora_jax.checkpoints.adapter import AdapterMismatchError, check_adapter_fits
+
+    check_adapter_fits({"lm_head": {"kernel": np.zeros((32, 1000), np.float32)}}, tiny[1])  # (D, V): fits
+    with pytest.raises(AdapterMismatchError, match="lm_head/kernel: no such leaf in the base"):
+        check_adapter_fits({"lm_head": {"kernel": np.zeros((1000, 32), np.float32)}}, tiny[1])

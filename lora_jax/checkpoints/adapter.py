@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, adapter_params, split_trainable
-from lora_jax.models.tying import SHARED, UNTIED_LEAVES
+from lora_jax.models.tying import LM_HEAD, SHARED, UNTIED_LEAVES
 from lora_jax.tree import flatten_paths, path_str, unflatten_tree
 
 META = "adapter_meta.json"
@@ -150,6 +150,15 @@ UNTIED_KEYS = {path_str(p) for p in UNTIED_LEAVES}
 SHARED_KEY = path_str(SHARED)
 
 
+def _fits_untied_slot(key: str, shape: tuple[int, ...], base: Mapping) -> bool:
+    """True when `key` is an untied leaf (lm_head/kernel (D, V), .../embed_tokens/embedding (V, D)) of the shape the
+    base's shared embedding (V, D) implies."""
+    if key not in UNTIED_KEYS or SHARED_KEY not in base:
+        return False
+    vocab_by_dim = tuple(np.shape(base[SHARED_KEY]))
+    return shape == (vocab_by_dim[::-1] if key == path_str(LM_HEAD) else vocab_by_dim)
+
+
 def _untie_hint(module: str, base: Mapping) -> str:
     if module + "/embedding" in UNTIED_KEYS and SHARED_KEY in base:
         return " (the base is tied: untie it first, base = lora_jax.untie_embeddings(base))"
@@ -174,7 +183,7 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
             if not ok:
                 want = f"({k_in}, r)" if leaf == LORA_A else f"(r, {k_out})"
                 problems.append(f"{key}: adapter has shape {shape}, the base kernel {np.shape(kernel)} needs {want}")
-        elif key not in base and key in UNTIED_KEYS and tuple(np.shape(base.get(SHARED_KEY))) == shape[::-1 if "lm_head" in key else 1]:
+        elif key not in base and _fits_untied_slot(key, shape, base):
             continue  # a head / token embedding of its own on a tied base: the model reads it in place of the shared one
         elif key not in base:
             problems.append(f"{key}: no such leaf in the base")
