@@ -233,6 +233,8 @@ def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, st
         flat[path] = value.T if leaf in (LORA_A, LORA_B, "kernel") else value
         keys[path] = key
     return flat, keys
+
+
 def import_peft(directory: str, *, trust_weights: bool = False) -> tuple[dict, LoraConfig]:
     """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig).
 
