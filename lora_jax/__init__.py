@@ -39,6 +39,7 @@ from lora_jax.lora import (
 )
 from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
 from lora_jax.models.config import BartConfig, bart_base_config
+from lora_jax.models.tying import untie_embeddings
 from lora_jax.training import (
     TrainState,
     create_train_state,

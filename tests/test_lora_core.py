@@ -64,7 +64,7 @@ def test_a_initialisation(tiny, init, expected_std):
     [
         (("qq_proj",), r"matches no module with a 2-D kernel.*'q_proj'"),
         (("layernorm_embedding",), "not a module with a 2-D kernel"),
-        (("shared",), "not a module with a 2-D kernel"),
+        (("final_logits_bias",), "not a module with a 2-D kernel"),
     ],
 )
 def test_bad_targets_are_explained(tiny, targets, match):

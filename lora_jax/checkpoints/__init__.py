@@ -1,8 +1,9 @@
 """Everything that reads or writes model state on disk.
 
 hf.py       Hugging Face BART checkpoints in and out (`load_pretrained`, also straight into a mesh; `save_pretrained`)
-adapter.py  adapter-only directories (Orbax leaves + JSON metadata): `save_adapter` / `load_adapter`
+adapter.py  adapter-only directories (Orbax leaves + JSON metadata): `save_adapter` / `load_adapter`, `base_fingerprint`
 peft.py     PEFT adapters in and out: `import_peft` / `export_peft`
+peft_weights.py  a PEFT config checked against its weights (ranks, targets, modules_to_save)
 merged.py   adapters folded into the base, written as a plain Hugging Face checkpoint: `export_merged`
 files.py    atomic file writes and directory sizes, shared by the writers above
 """

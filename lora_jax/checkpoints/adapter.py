@@ -24,6 +24,7 @@ import warnings
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -31,7 +32,8 @@ from lora_jax.checkpoints import orbax_reads
 from lora_jax.checkpoints.files import damaged_files, file_digests
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, adapter_params, split_trainable
-from lora_jax.tree import flatten_paths, unflatten_tree
+from lora_jax.models.tying import LM_HEAD, SHARED, UNTIED_LEAVES
+from lora_jax.tree import flatten_paths, path_str, unflatten_tree
 
 META = "adapter_meta.json"
 FORMAT = "lora_jax.adapter/1"
@@ -45,9 +47,38 @@ class AdapterDamagedError(ValueError):
     """An adapter directory whose metadata or leaf files are unreadable or differ from what was saved."""
 
 
+FINGERPRINT_METHOD = "leaf-checksum/1"
+
+
+@jax.jit
+def leaf_checksum(x: jax.Array) -> jax.Array:
+    """A uint32 checksum of every element of `x`: sum_i bits(x_i) * (2i + 1) mod 2**32, over the float32 bit patterns.
+    Any single changed element changes it (an odd multiplier is invertible mod 2**32), and so does moving values
+    around; one fused pass over the array and a scalar out, so it works on sharded arrays without gathering them."""
+    bits = jax.lax.bitcast_convert_type(jnp.ravel(x).astype(jnp.float32), jnp.uint32)
+    weights = jax.lax.iota(jnp.uint32, bits.size) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
 def base_fingerprint(base_params: Mapping) -> dict:
-    """Shapes of every base leaf (adapters excluded) plus a SHA-256 of a few frozen tensors' bytes: enough to tell
-    "another model" (shapes) from "same architecture, other weights" (hash)."""
+    """A fingerprint of the frozen base: SHA-256 of the leaf shapes, and SHA-256 over (path, shape, `leaf_checksum`)
+    of every leaf (adapters excluded), so a change to any element of any frozen weight changes `values_sha256`.
+
+    Every element is read once on its device (bart-large, 406M parameters: see README); only the scalar checksums
+    come to the host, so sharded leaves are never gathered. Values are compared as float32 (bf16 leaves are exact)."""
+    flat = {k: v for k, v in flatten_paths(base_params).items() if k.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
+    shapes = {k: list(np.shape(v)) for k, v in sorted(flat.items())}
+    sums = jax.device_get({k: leaf_checksum(v) for k, v in flat.items()})
+    digest = hashlib.sha256()
+    for key in sorted(flat):
+        digest.update(f"{key}{shapes[key]}{int(sums[key])};".encode())
+    return {"method": FINGERPRINT_METHOD, "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+            "values_sha256": digest.hexdigest(), "num_leaves": len(flat)}
+
+
+def legacy_fingerprint(base_params: Mapping) -> dict:
+    """The fingerprint adapters saved before FINGERPRINT_METHOD carry (first 8 rows of 2 kernels and 1 embedding),
+    kept only to check those adapters."""
     flat = {k: v for k, v in flatten_paths(base_params).items() if k.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
     shapes = {k: list(np.shape(v)) for k, v in sorted(flat.items())}
     digest = hashlib.sha256()
@@ -58,6 +89,25 @@ def base_fingerprint(base_params: Mapping) -> dict:
         digest.update(np.ascontiguousarray(np.asarray(jax.device_get(flat[key]), np.float32)[:8]).tobytes())
     return {"shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(), "values_sha256": digest.hexdigest(),
             "num_leaves": len(flat)}
+
+
+def check_fingerprint(directory: str, meta: Mapping, base: Mapping) -> None:
+    """Warns when the frozen `base` is not the one the adapter's metadata fingerprinted (by that fingerprint's own
+    method: an adapter saved before FINGERPRINT_METHOD is checked the old way, which sees fewer changes, and says so)."""
+    saved = meta.get("base_fingerprint") or {}
+    method = saved.get("method")
+    if method not in (None, FINGERPRINT_METHOD):
+        warnings.warn(f"adapter in {directory} has a base fingerprint of unknown method {method!r}: base not verified")
+        return
+    if method is None:
+        warnings.warn(f"adapter in {directory} was saved with the old base fingerprint (a few rows of 3 tensors): "
+                      "checking the base that way only; save it again to get a fingerprint of every weight")
+    current = base_fingerprint(base) if method else legacy_fingerprint(base)
+    if current != saved:
+        warnings.warn(
+            f"adapter in {directory} was trained on base {meta.get('base_model')!r}, whose weights differ from the "
+            "base given here (shapes match): outputs will not be what was trained"
+        )
 
 
 def save_adapter(
@@ -108,6 +158,25 @@ def save_adapter(
     return directory
 
 
+UNTIED_KEYS = {path_str(p) for p in UNTIED_LEAVES}
+SHARED_KEY = path_str(SHARED)
+
+
+def _fits_untied_slot(key: str, shape: tuple[int, ...], base: Mapping) -> bool:
+    """True when `key` is an untied leaf (lm_head/kernel (D, V), .../embed_tokens/embedding (V, D)) of the shape the
+    base's shared embedding (V, D) implies."""
+    if key not in UNTIED_KEYS or SHARED_KEY not in base:
+        return False
+    vocab_by_dim = tuple(np.shape(base[SHARED_KEY]))
+    return shape == (vocab_by_dim[::-1] if key == path_str(LM_HEAD) else vocab_by_dim)
+
+
+def _untie_hint(module: str, base: Mapping) -> str:
+    if module + "/embedding" in UNTIED_KEYS and SHARED_KEY in base:
+        return " (the base is tied: untie it first, base = lora_jax.untie_embeddings(base))"
+    return ""
+
+
 def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
     """Raises AdapterMismatchError naming the first leaf whose shape does not fit the base (lora_a must be
     (kernel_in, r), lora_b (r, kernel_out), a modules_to_save leaf the base leaf's shape)."""
@@ -117,15 +186,17 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
         module, _, leaf = key.rpartition("/")
         shape = tuple(np.shape(value))
         if leaf in ADAPTER_LEAVES:
-            kernel = base.get(module + "/kernel")
+            kernel = base.get(module + "/kernel", base.get(module + "/embedding"))
             if kernel is None:
-                problems.append(f"{key}: the base has no kernel at {module}")
+                problems.append(f"{key}: the base has no kernel (or embedding) at {module}{_untie_hint(module, base)}")
                 continue
             k_in, k_out = np.shape(kernel)
             ok = shape[0] == k_in if leaf == LORA_A else shape[1] == k_out
             if not ok:
                 want = f"({k_in}, r)" if leaf == LORA_A else f"(r, {k_out})"
                 problems.append(f"{key}: adapter has shape {shape}, the base kernel {np.shape(kernel)} needs {want}")
+        elif key not in base and _fits_untied_slot(key, shape, base):
+            continue  # a head / token embedding of its own on a tied base: the model reads it in place of the shared one
         elif key not in base:
             problems.append(f"{key}: no such leaf in the base")
         elif tuple(np.shape(base[key])) != shape:
@@ -189,10 +260,5 @@ def load_adapter(directory: str, base_params: Mapping | None = None) -> tuple[di
     adapter = jax.tree_util.tree_map(np.asarray, restored)
     if base_params is not None:
         check_adapter_fits(adapter, base_params)
-        fp = base_fingerprint(split_trainable(base_params, config)[1])
-        if fp != meta["base_fingerprint"]:
-            warnings.warn(
-                f"adapter in {directory} was trained on base {meta['base_model']!r}, whose weights differ from the "
-                "base given here (shapes match): outputs will not be what was trained"
-            )
+        check_fingerprint(directory, meta, split_trainable(base_params, config)[1])
     return adapter, config, meta

@@ -9,6 +9,7 @@ leaves a half-written checkpoint file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ from jax.sharding import Mesh
 from lora_jax import sharding
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.lora.transform import ADAPTER_LEAVES
-from lora_jax.models.bart import BartForConditionalGeneration
+from lora_jax.models.bart import BartForConditionalGeneration, activation
 from lora_jax.models.config import BartConfig
+from lora_jax.models.tying import has_untied_leaves, untie_embeddings
 from lora_jax.tree import flatten_tree, unflatten_tree
 
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -125,17 +127,31 @@ def _shape_error(problems: list[str], what: str) -> CheckpointMismatchError:
     )
 
 
+def _with_shared_embedding(state: dict[str, np.ndarray], config: BartConfig) -> dict[str, np.ndarray]:
+    """`state` with `model.shared.weight` filled in from an alias when the checkpoint stores the shared embedding
+    under another name. Tied: the aliases are the same weight (transformers ties them on load, ignoring their own
+    values), so one that differs from model.shared.weight gets a warning: the checkpoint was probably saved untied."""
+    aliases = [k for k in TIED_EMBEDDING_KEYS[1:] if k in state]
+    if SHARED_KEY not in state and aliases:
+        state[SHARED_KEY] = state[aliases[0]]
+    if not config.tie_word_embeddings:
+        return state
+    differing = [k for k in aliases if np.shape(state[k]) == np.shape(state[SHARED_KEY]) and not np.array_equal(state[k], state[SHARED_KEY])]
+    if differing:
+        warnings.warn(
+            f"config.json says tie_word_embeddings=true, so {differing} are ignored and {SHARED_KEY} is used in their "
+            "place (as transformers does), but they hold other values: if the model was trained untied, set "
+            "tie_word_embeddings: false in its config.json"
+        )
+    return state
+
+
 def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartConfig) -> dict:
     """A PyTorch-layout BART state dict -> our nested Flax params (float32 numpy leaves).
 
     Raises CheckpointMismatchError naming every missing parameter and every shape that differs."""
     shapes = expected_shapes(config)
-    state = dict(state)
-    if SHARED_KEY not in state:
-        for key in TIED_EMBEDDING_KEYS[1:]:
-            if key in state:
-                state[SHARED_KEY] = state[key]
-                break
+    state = _with_shared_embedding(dict(state), config)
     flat, problems = {}, []
     for path, shape in shapes.items():
         key = torch_key(path)
@@ -151,7 +167,7 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartCo
         flat[path] = value
     if problems:
         raise _shape_error(problems, "the checkpoint")
-    used = {torch_key(p) for p in shapes} | set(TIED_EMBEDDING_KEYS)
+    used = {torch_key(p) for p in shapes} | (set(TIED_EMBEDDING_KEYS) if config.tie_word_embeddings else set())
     unused = sorted(k for k in state if k not in used and not k.endswith(".version"))
     if unused:
         warnings.warn(f"ignored {len(unused)} checkpoint weight(s) the model does not use: {unused[:10]}")
@@ -232,6 +248,7 @@ def load_pretrained(
     """
     directory = resolve(str(path_or_hub_id))
     config = BartConfig.from_pretrained(directory)
+    activation(config.activation_function)  # an unsupported activation fails here, naming it, not at the first call
     params = read_params(directory, config, weights)
     model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
     if mesh is None:
@@ -259,10 +276,17 @@ def save_pretrained(
 ) -> None:
     """Writes a Hugging Face checkpoint directory: `config.json`, `model.safetensors` (PyTorch layout, loadable by
     `BartForConditionalGeneration.from_pretrained`) and/or `flax_model.msgpack`, plus tokenizer files copied from
-    `tokenizer_dir` and `generation_config.json` when given (a dict or a GenerationConfig)."""
+    `tokenizer_dir` and `generation_config.json` when given (a dict or a GenerationConfig).
+
+    A tree holding any untied leaf (`lora_jax.models.tying.UNTIED_LEAVES`) is written untied
+    (`tie_word_embeddings: false`, missing ones copied from the shared embedding), whatever `config` says."""
     from safetensors.numpy import save
 
     os.makedirs(directory, exist_ok=True)
+    if has_untied_leaves(params) or not config.tie_word_embeddings:
+        # A tree with a head or token embedding of its own (an untied base, or a merged PEFT modules_to_save copy)
+        # is saved untied with all four weights, so transformers and load_pretrained read back exactly this model.
+        params, config = untie_embeddings(params), dataclasses.replace(config, tie_word_embeddings=False)
     if safetensors:
         state = params_to_torch_state_dict(params)
         atomic_write(os.path.join(directory, SAFE_WEIGHTS), save(state, metadata={"format": "pt"}))

@@ -1,8 +1,10 @@
 """PEFT interop both ways: `adapter_config.json` + `adapter_model.safetensors` as PEFT (0.21) saves them for BART.
 
 PEFT key of an adapter leaf: `base_model.model.<dotted module path>.lora_A.weight` with shape (r, in) (= our
-`lora_a.T`) and `...lora_B.weight` with shape (out, r) (= our `lora_b.T`). A modules_to_save module is stored under
-its plain PyTorch names (`base_model.model.model.encoder.layernorm_embedding.weight`), as PEFT does.
+`lora_a.T`) and `...lora_B.weight` with shape (out, r) (= our `lora_b.T`); on an embedding, `...lora_embedding_A`
+(r, vocab) and `...lora_embedding_B` (d_model, r), the same transposes. A modules_to_save module is stored under its
+plain PyTorch names (`base_model.model.model.encoder.layernorm_embedding.weight`, `base_model.model.lm_head.weight`),
+as PEFT does. On import, the config is checked against the weights (`peft_weights.reconcile_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.checkpoints.hf import torch_key
+from lora_jax.checkpoints.peft_weights import reconcile_config
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_params
 from lora_jax.tree import flatten_tree, unflatten_tree
@@ -32,6 +35,7 @@ _UNSUPPORTED = {
     "trainable_token_indices": (None,),
     "layer_replication": (None,),
 }
+SHARED_MODULE = ("model", "shared")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -68,13 +72,25 @@ def _saved_modules(adapter_flat: Mapping[tuple, Any], config: LoraConfig) -> lis
 
 def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str, np.ndarray]:
     """Our adapter leaves -> PEFT's state-dict names and layouts (float32)."""
+    embeddings = {p[:-1] for p in flatten_tree(params_or_adapter) if p[-1] == "embedding"}
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     out = {}
     for path, value in flat.items():
+        if path[:2] == SHARED_MODULE:
+            raise ValueError(
+                f"{'/'.join(path)}: the adapter changes model/shared, which PEFT's BART never calls (its encoder and "
+                "decoder call embed_tokens, its head is lm_head), so PEFT would compute something else. Untie the base "
+                "(lora_jax.untie_embeddings) and adapt embed_tokens / lm_head, or export a merged model instead"
+            )
         value = np.asarray(value, np.float32)
         if path[-1] in ADAPTER_LEAVES:
-            name = "lora_A" if path[-1] == LORA_A else "lora_B"
-            out[f"{PREFIX}{'.'.join(path[:-1])}.{name}.weight"] = np.ascontiguousarray(value.T)
+            name = "A" if path[-1] == LORA_A else "B"
+            module = path[:-1]
+            if module in embeddings or (module[-1] in ("embed_tokens", "shared") and module + ("kernel",) not in flat):
+                key = f"{PREFIX}{'.'.join(module)}.lora_embedding_{name}"  # PEFT's Embedding layer: no ".weight"
+            else:
+                key = f"{PREFIX}{'.'.join(module)}.lora_{name}.weight"
+            out[key] = np.ascontiguousarray(value.T)
         else:
             out[PREFIX + torch_key(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
     return out
@@ -165,35 +181,72 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
     )
 
 
-def import_peft(directory: str) -> tuple[dict, LoraConfig]:
-    """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig)."""
+def _read_state(directory: str) -> dict[str, np.ndarray]:
+    """The adapter's tensors: adapter_model.safetensors, else an old torch-pickled adapter_model.bin (needs torch)."""
     from safetensors.numpy import load_file
 
+    weights, legacy = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, "adapter_model.bin")
+    if os.path.exists(weights):
+        return load_file(weights)
+    if not os.path.exists(legacy):
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (nor an old adapter_model.bin)")
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{legacy} is a torch pickle, which needs torch to read: pip install 'lora_jax[torch]', or convert it "
+            "once where torch is installed: python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{legacy}'), '{weights}')\""
+        ) from None
+    return {k: v.float().numpy() for k, v in torch.load(legacy, map_location="cpu", weights_only=True).items()}
+
+
+def _lora_leaf(parts: list[str]) -> str | None:
+    """lora_a / lora_b for a PEFT LoRA key's dotted parts (Linear: ...lora_A.weight; Embedding: ...lora_embedding_A),
+    None for a modules_to_save parameter."""
+    if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
+        return LORA_A if parts[-2] == "lora_A" else LORA_B
+    if parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+        return LORA_A if parts[-1] == "lora_embedding_A" else LORA_B
+    return None
+
+
+def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, str]]:
+    """PEFT state dict -> (flat adapter tree, {flat path: PEFT key}); refuses what lora_jax cannot reproduce."""
+    flat, keys = {}, {}
+    for key, value in state.items():
+        parts = key.removeprefix(PREFIX).split(".")
+        leaf = _lora_leaf(parts)
+        if leaf is None and "lora_" in key:
+            raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B and lora_embedding_A/B are supported)")
+        module = parts[:-2] if leaf is not None and parts[-1] == "weight" else parts[:-1]
+        if tuple(module) == SHARED_MODULE:
+            raise ValueError(
+                f"{key}: the adapter trains model.shared, which BART's forward never calls (the encoder and decoder "
+                "call their embed_tokens, the head is lm_head), so in PEFT it changes nothing until merged; "
+                "lora_jax refuses it: target or save 'embed_tokens' / 'lm_head' instead"
+            )
+        value = np.asarray(value, np.float32)
+        if leaf is None:  # a modules_to_save parameter under its PyTorch name
+            leaf = _leaf_name(module[-1] if module else "", parts[-1])
+        path = tuple(module) + (leaf,)
+        flat[path] = value.T if leaf in (LORA_A, LORA_B, "kernel") else value
+        keys[path] = key
+    return flat, keys
+
+
+def import_peft(directory: str, *, trust_weights: bool = False) -> tuple[dict, LoraConfig]:
+    """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig).
+
+    The config is checked against the weights: each adapted module's rank (lora_A's rows) must be the rank the config
+    gives it, each adapted module must be a target and each target must have weights, and modules_to_save must be
+    exactly the saved modules; the first contradiction is a ValueError naming the key. trust_weights=True instead
+    takes ranks and targets from the weights (the scale is then alpha / the weights' rank) and warns."""
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
     with open(config_path) as f:
         config = lora_config_from_peft(json.load(f))
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.exists(weights):
-        state = load_file(weights)
-    elif os.path.exists(os.path.join(directory, "adapter_model.bin")):
-        import torch  # only for old PEFT adapters saved with torch.save
-
-        state = {k: v.float().numpy() for k, v in torch.load(os.path.join(directory, "adapter_model.bin"), weights_only=True).items()}
-    else:
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
-    flat = {}
-    for key, value in state.items():
-        name = key.removeprefix(PREFIX)
-        parts = name.split(".")
-        value = np.asarray(value, np.float32)
-        if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
-            leaf = LORA_A if parts[-2] == "lora_A" else LORA_B
-            flat[tuple(parts[:-2]) + (leaf,)] = value.T
-        elif "lora_" in name:
-            raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B weights are supported)")
-        else:  # a modules_to_save parameter under its PyTorch name
-            leaf = _leaf_name(parts[-2] if len(parts) > 1 else "", parts[-1])
-            flat[tuple(parts[:-1]) + (leaf,)] = value.T if leaf == "kernel" else value
+    flat, keys = _adapter_tree(_read_state(directory))
+    config = reconcile_config(config, flat, keys, CONFIG_NAME if not trust_weights else None)
     return unflatten_tree(flat), config

@@ -5,7 +5,8 @@ The adapters are not a new layer type. `LoraModel.apply` runs the wrapped module
 
     y = x @ W + b + scale * (dropout(x) @ A) @ B
 
-to every `nn.Dense.__call__` whose params hold `lora_a`/`lora_b`. So any linen model built from `nn.Dense` gets LoRA
+to every `nn.Dense.__call__` whose params hold `lora_a`/`lora_b` (and `embed(ids) + scale * A[ids] @ B` to an adapted
+`nn.Embed`). So any linen model built from `nn.Dense` gets LoRA
 with no change to its code, W + AB is never materialised, and (because the train step differentiates only the
 adapter leaves) no gradient is ever computed for a frozen kernel.
 """
@@ -28,6 +29,24 @@ def _adapter_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def _embed_with_lora(next_fun, args, kwargs, context, config: LoraConfig):
+    """An adapted `nn.Embed`, table E (V, D), A (V, r), B (r, D): `__call__(ids)` adds scale·A[ids]@B (PEFT's
+    lora_embedding branch); `attend(h)` (a tied output head) adds scale·(h@Bᵀ)@Aᵀ, so both use E + scale·A@B, as the
+    merged table does. No adapter dropout: the input is token ids (PEFT applies none to embeddings either)."""
+    module = context.module
+    y = next_fun(*args, **kwargs)
+    if context.method_name not in ("__call__", "attend"):
+        return y
+    a = module.get_variable("params", LORA_A)
+    b = module.get_variable("params", LORA_B).astype(a.dtype)
+    x = args[0] if args else kwargs[next(iter(kwargs))]
+    if context.method_name == "__call__":
+        delta = jnp.take(a, x, axis=0) @ b
+    else:
+        delta = (x.astype(a.dtype) @ b.T) @ a.T
+    return y + (config.scale_for("/".join(module.path)) * delta).astype(y.dtype)
+
+
 def lora_interceptor(config: LoraConfig):
     """A `nn.intercept_methods` interceptor adding the LoRA branch to adapted `nn.Dense` calls.
 
@@ -36,6 +55,8 @@ def lora_interceptor(config: LoraConfig):
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
+        if isinstance(module, nn.Embed) and module.has_variable("params", LORA_A):
+            return _embed_with_lora(next_fun, args, kwargs, context, config)
         if context.method_name != "__call__" or not isinstance(module, nn.Dense):
             return next_fun(*args, **kwargs)
         if not module.has_variable("params", LORA_A):

@@ -47,7 +47,8 @@ class LoraConfig:
 
     rank / alpha: r and alpha; the update is scale * A @ B with scale = alpha / r (alpha / sqrt(r) with use_rslora).
     targets: module names ("q_proj") or regexes over '/'-joined module paths
-      ("model/decoder/layers/0/encoder_attn/q_proj"); each must match at least one 2-D `kernel`.
+      ("model/decoder/layers/0/encoder_attn/q_proj"); each must match at least one 2-D `kernel` (a Dense) or
+      `embedding` (an Embed: the adapter then adds scale * A[ids] @ B to the looked-up rows).
     dropout: dropout rate on the adapter's input (the frozen path sees the undropped input), as in PEFT.
     rank_pattern / alpha_pattern: per-path overrides {pattern: value}; the first matching pattern wins.
     modules_to_save: names or regexes of modules or leaves that are trained and saved in full

@@ -1,7 +1,8 @@
 """LoRA as pure functions over parameter trees: add adapters, split/combine, merge/unmerge, count.
 
 A LoRA tree is the base tree where each targeted Dense dict `{kernel (in, out), bias}` also holds
-`lora_a (in, r)` and `lora_b (r, out)`. An adapter tree has the same nesting but only the adapter leaves and the
+`lora_a (in, r)` and `lora_b (r, out)` (an Embed dict `{embedding (vocab, features)}`: `lora_a (vocab, r)`,
+`lora_b (r, features)`). An adapter tree has the same nesting but only the adapter leaves and the
 `modules_to_save` leaves. Trees are plain nested dicts; leaves that are not changed are the same objects.
 """
 
@@ -18,10 +19,22 @@ from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
 
 LORA_A, LORA_B = "lora_a", "lora_b"
 ADAPTER_LEAVES = (LORA_A, LORA_B)
+# The weight leaves an adapter can sit beside: a Dense `kernel (in, out)` or an Embed `embedding (vocab, features)`
+# (the adapter then adds scale·A[ids]@B to the looked-up rows: A is (vocab, r), B (r, features)).
+WEIGHT_LEAVES = ("kernel", "embedding")
+
 
 def kernel_modules(params: Mapping) -> dict[str, tuple[int, ...]]:
-    """{module path: kernel shape} for every module holding a `kernel` leaf."""
-    return {path_str(p[:-1]): tuple(np.shape(v)) for p, v in flatten_tree(params).items() if p[-1] == "kernel"}
+    """{module path: weight shape} for every module holding a `kernel` or `embedding` leaf."""
+    return {path_str(p[:-1]): tuple(np.shape(v)) for p, v in flatten_tree(params).items() if p[-1] in WEIGHT_LEAVES}
+
+
+def weight_path(flat: Mapping[Path, Any], module: Path) -> Path:
+    """The path of the weight leaf (`kernel` or `embedding`) of `module` in a flat tree; KeyError naming it if none."""
+    for leaf in WEIGHT_LEAVES:
+        if module + (leaf,) in flat:
+            return module + (leaf,)
+    raise KeyError(f"{path_str(module)} has no kernel or embedding leaf for its LoRA adapter to adapt")
 
 
 def _module_paths(flat: Mapping[Path, Any]) -> set[str]:
@@ -30,7 +43,7 @@ def _module_paths(flat: Mapping[Path, Any]) -> set[str]:
 
 def target_modules(params: Mapping, config: LoraConfig) -> list[str]:
     """The module paths `config.targets` selects; raises a ValueError naming the problem for a target that matches no
-    2-D kernel (listing the candidates) or that matches something other than a 2-D kernel."""
+    2-D kernel or embedding (listing the candidates) or that matches something else."""
     flat = flatten_tree(params)
     kernels = kernel_modules(params)
     candidates = sorted(p for p, s in kernels.items() if len(s) == 2)
@@ -43,12 +56,13 @@ def target_modules(params: Mapping, config: LoraConfig) -> list[str]:
             depth = len(others[0].split("/"))
             what = {path_str(k[depth:]) or "a leaf": np.shape(v) for k, v in flat.items() if path_str(k[:depth]) == others[0]}
             raise ValueError(
-                f"LoRA target {pattern!r} matches {others[0]!r}, which is not a module with a 2-D kernel "
-                f"(it holds {what}); LoRA adapts Dense kernels only — use modules_to_save to train it in full."
+                f"LoRA target {pattern!r} matches {others[0]!r}, which is not a module with a 2-D kernel or embedding "
+                f"(it holds {what}); LoRA adapts Dense kernels and Embed tables only — use modules_to_save to train it "
+                "in full."
             )
         names = sorted({p.rsplit("/", 1)[-1] for p in candidates})
         raise ValueError(
-            f"LoRA target {pattern!r} matches no module with a 2-D kernel. Module names: {names}; "
+            f"LoRA target {pattern!r} matches no module with a 2-D kernel or embedding. Module names: {names}; "
             f"full paths look like {candidates[:3]} (of {len(candidates)})."
         )
     return chosen
@@ -86,9 +100,9 @@ def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array, adapter_dtype
     _check_modules_to_save(flat, config)
     keys = jax.random.split(rng, max(len(modules), 1))
     for key, module in zip(keys, modules):
-        d_in, d_out = np.shape(flat[tuple(module.split("/")) + ("kernel",)])
-        r = config.rank_for(module)
         base = tuple(module.split("/"))
+        d_in, d_out = np.shape(flat[weight_path(flat, base)])
+        r = config.rank_for(module)
         flat[base + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
         flat[base + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
     return unflatten_tree(flat)
@@ -130,9 +144,9 @@ def merge_lora(params: Mapping, config: LoraConfig) -> dict:
     out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
     for path in [p for p in flat if p[-1] == LORA_A]:
         module = path[:-1]
-        kernel = flat[module + ("kernel",)]
+        weight = weight_path(flat, module)
         delta = _delta(flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module)))
-        out[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+        out[weight] = (jnp.asarray(flat[weight], jnp.float32) + delta).astype(flat[weight].dtype)
     return unflatten_tree(out)
 
 
@@ -142,9 +156,9 @@ def unmerge_lora(merged: Mapping, adapter: Mapping, config: LoraConfig) -> dict:
     adapter_flat = flatten_tree(adapter)
     for path in [p for p in adapter_flat if p[-1] == LORA_A]:
         module = path[:-1]
-        kernel = flat[module + ("kernel",)]
+        weight = weight_path(flat, module)
         delta = _delta(adapter_flat[path], adapter_flat[module + (LORA_B,)], config.scale_for(path_str(module)))
-        flat[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) - delta).astype(kernel.dtype)
+        flat[weight] = (jnp.asarray(flat[weight], jnp.float32) - delta).astype(flat[weight].dtype)
     flat.update(adapter_flat)
     return unflatten_tree(flat)
 

@@ -1,6 +1,8 @@
 """A Flax (linen) BART for conditional generation.
 
-The parameter tree is the transformers-4.x Flax layout, so a hub `flax_model.msgpack` loads unchanged:
+The parameter tree is the transformers-4.x Flax layout, so a hub `flax_model.msgpack` loads unchanged (with
+`tie_word_embeddings=False` it also holds `lm_head/kernel (D, V)` and `embed_tokens/embedding (V, D)` in the encoder
+and the decoder, see `lora_jax.models.tying`):
 
     {final_logits_bias: (1, V),
      model: {shared: {embedding: (V, D)},
@@ -252,11 +254,12 @@ class _LayerStack(nn.Module):
 
 
 class _Stack(nn.Module):
-    """What the encoder and the decoder share: the (tied) token embedding, learned positions
-    (max_position_embeddings + 2 rows), layernorm_embedding, dropout, and the layers of `layer_spec()`."""
+    """What the encoder and the decoder share: the token embedding (`shared` when tied, else its own `embed_tokens`,
+    see `lora_jax.models.tying`), learned positions (max_position_embeddings + 2 rows), layernorm_embedding,
+    dropout, and the layers of `layer_spec()`."""
 
     config: BartConfig
-    embed_tokens: nn.Embed
+    shared: nn.Embed
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
@@ -264,6 +267,20 @@ class _Stack(nn.Module):
     def layer_spec(self) -> tuple[type, int]:
         """(layer class, number of layers)."""
         raise NotImplementedError
+
+    def token_embeddings(self, ids: Array) -> Array:
+        """(B, T) ids -> (B, T, D) token embeddings, scaled: from this stack's own `embed_tokens` when the config is
+        untied or the params hold one (e.g. a PEFT modules_to_save copy), else from the shared embedding."""
+        params = self.variables.get("params", {})
+        if self.config.tie_word_embeddings and "embed_tokens" not in params:
+            return self.shared(ids) * self.config.embed_scale
+        if "embed_tokens" in params and "embedding" not in params["embed_tokens"]:
+            where = "/".join(self.path + ("embed_tokens",))
+            raise ValueError(
+                f"params hold {sorted(params['embed_tokens'])} at {where} but no embedding there (the base is tied): "
+                "untie the base first, params = lora_jax.untie_embeddings(params)"
+            )
+        return self.own_embed_tokens(ids) * self.config.embed_scale
 
     def setup(self):
         c = self.config
@@ -275,6 +292,7 @@ class _Stack(nn.Module):
             param_dtype=self.param_dtype,
         )
         self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, None)
+        self.own_embed_tokens = _embedding(c, self.dtype, self.param_dtype, "embed_tokens")
         self.dropout = nn.Dropout(c.dropout)
         layer_cls, num_layers = self.layer_spec()
         self.layers = _LayerStack(c, layer_cls, num_layers, self.dtype, self.param_dtype, self.remat)
@@ -290,7 +308,7 @@ class BartEncoder(_Stack):
         seq_len = input_ids.shape[1]
         if seq_len > c.max_position_embeddings:
             raise ValueError(f"source length {seq_len} exceeds max_position_embeddings={c.max_position_embeddings}")
-        hidden = self.embed_tokens(input_ids) * c.embed_scale
+        hidden = self.token_embeddings(input_ids)
         hidden = hidden + self.embed_positions(jnp.arange(seq_len) + POSITION_OFFSET)[None]
         hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
         bias = padding_bias(attention_mask)
@@ -324,7 +342,7 @@ class BartDecoder(_Stack):
         batch, seq_len = decoder_input_ids.shape
         start = 0 if cache is None else cache[0]["self"]["index"]
         positions = start + jnp.arange(seq_len) + POSITION_OFFSET
-        hidden = self.embed_tokens(decoder_input_ids) * c.embed_scale + self.embed_positions(positions)[None]
+        hidden = self.token_embeddings(decoder_input_ids) + self.embed_positions(positions)[None]
         hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
         k_len = seq_len if cache is None else cache[0]["self"]["k"].shape[2]
         self_bias = causal_bias(seq_len, k_len, start)
@@ -341,6 +359,12 @@ class BartDecoder(_Stack):
         return hidden, new_cache
 
 
+def _embedding(c: BartConfig, dtype, param_dtype, name: str) -> nn.Embed:
+    """A (vocab_size, d_model) token embedding with BART's normal(init_std) init."""
+    init = nn.initializers.normal(c.init_std)
+    return nn.Embed(c.vocab_size, c.d_model, embedding_init=init, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
 class BartModule(nn.Module):
     """The `model` subtree: shared embedding, encoder, decoder."""
 
@@ -351,19 +375,13 @@ class BartModule(nn.Module):
 
     def setup(self):
         c = self.config
-        self.shared = nn.Embed(
-            c.vocab_size,
-            c.d_model,
-            embedding_init=nn.initializers.normal(c.init_std),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        self.shared = _embedding(c, self.dtype, self.param_dtype, "shared")
         self.encoder = BartEncoder(c, self.shared, self.dtype, self.param_dtype, self.remat)
         self.decoder = BartDecoder(c, self.shared, self.dtype, self.param_dtype, self.remat)
 
 
 class BartForConditionalGeneration(nn.Module):
-    """BART with the tied LM head and `final_logits_bias`.
+    """BART with its LM head (tied to the shared embedding, or `lm_head` when untied) and `final_logits_bias`.
 
     Methods (call through `model.apply(variables, ..., method=...)`):
       __call__(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> logits (B, T, V)
@@ -385,13 +403,26 @@ class BartForConditionalGeneration(nn.Module):
         remat_policy(self.remat)  # a clear error for an unknown name
         self.model = BartModule(self.config, self.dtype, self.param_dtype, self.remat)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, self.config.vocab_size), self.param_dtype)
+        init = nn.initializers.normal(self.config.init_std)
+        self.lm_head = nn.Dense(
+            self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init
+        )
 
     def encode(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
+        if self.is_initializing() and not self.config.tie_word_embeddings:
+            # Untied, the forward never reads model/shared, but it is a weight of the checkpoint (transformers saves
+            # and loads it): create it, so that init gives the checkpoint's tree.
+            self.model.shared(input_ids)
         return self.model.encoder(input_ids, attention_mask, deterministic=deterministic)
 
     def lm_logits(self, hidden: Array) -> Array:
-        """(B, T, D) -> float32 logits (B, T, V) through the tied embedding."""
-        return self.model.shared.attend(hidden).astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
+        """(B, T, D) -> float32 logits (B, T, V): through `lm_head` (D, V) when the config is untied or the params hold
+        one (e.g. a PEFT modules_to_save copy), else through the tied shared embedding."""
+        if self.config.tie_word_embeddings and "lm_head" not in self.variables.get("params", {}):
+            logits = self.model.shared.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
 
     def decode(
         self,

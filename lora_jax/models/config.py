@@ -29,6 +29,38 @@ BART_BASE: dict[str, Any] = dict(
 )
 
 
+# Settings of BART-like configs that change the architecture, with the value that means "plain BART". Old BART
+# configs (fairseq-era) spell these out with BART's values; mBART/Marian/PLBart-style values are refused, since
+# loading such a checkpoint as BART would run without error and compute something else.
+BART_ONLY_SETTINGS: dict[str, Any] = {
+    "normalize_before": False,  # pre-LayerNorm layers (mBART style)
+    "add_final_layer_norm": False,  # a LayerNorm after the last layer (mBART style)
+    "add_bias_logits": False,  # a learned bias on the logits besides final_logits_bias
+    "normalize_embedding": True,  # layernorm_embedding present
+    "static_position_embeddings": False,  # sinusoidal positions (Marian style)
+    "extra_pos_embeddings": 2,  # BART's learned-position offset
+    "is_encoder_decoder": True,
+}
+MODEL_TYPES = ("bart",)
+
+
+def check_supported(raw: dict[str, Any], where: str = "config.json") -> None:
+    """Raises ValueError naming the first setting of a raw `config.json` dict that this BART does not implement:
+    another `model_type`, or an architecture switch of `BART_ONLY_SETTINGS` set to a non-BART value."""
+    model_type = raw.get("model_type", "bart")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not BART; lora_jax implements model_type 'bart' only "
+            "(loading another architecture's weights as BART would compute something else)"
+        )
+    for key, bart_value in BART_ONLY_SETTINGS.items():
+        if key in raw and raw[key] != bart_value:
+            raise ValueError(
+                f"{where}: {key}={raw[key]!r} is not implemented by lora_jax's BART (which has {key}={bart_value!r}); "
+                "this checkpoint is not a plain BART and cannot be loaded as one"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class BartConfig:
     """The architecture fields of a BART `config.json` (names as in `transformers.BartConfig`)."""
@@ -54,6 +86,9 @@ class BartConfig:
     decoder_start_token_id: int = 2
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = 2
+    # False: the encoder's and the decoder's token embeddings and the LM head are weights of their own, beside
+    # `model.shared` (transformers saves all four); True (BART's default): all four are `model.shared`.
+    tie_word_embeddings: bool = True
     # Generation defaults carried by some configs (bart-large-cnn); generation_config.json overrides them.
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -75,9 +110,14 @@ class BartConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "BartConfig":
-        """Reads `config.json` with `transformers.BartConfig` (so its defaults and aliases apply)."""
+        """Reads `config.json` with `transformers.BartConfig` (so its defaults and aliases apply), after refusing any
+        setting this BART does not implement (see `check_supported`)."""
         from transformers import BartConfig as HFBartConfig
 
+        config_file = os.path.join(path, "config.json")
+        if os.path.exists(config_file):
+            with open(config_file) as f:
+                check_supported(json.load(f), config_file)
         hf = HFBartConfig.from_pretrained(path)
         d = hf.to_dict()
         d["name_or_path"] = str(path)
@@ -92,7 +132,6 @@ class BartConfig:
             architectures=["BartForConditionalGeneration"],
             is_encoder_decoder=True,
             num_hidden_layers=self.encoder_layers,
-            tie_word_embeddings=True,
         )
         return d
 
