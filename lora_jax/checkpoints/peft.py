@@ -12,9 +12,11 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.checkpoints.hf import torch_key
+from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_params
 from lora_jax.tree import flatten_tree, unflatten_tree
@@ -67,11 +69,11 @@ def _saved_modules(adapter_flat: Mapping[tuple, Any], config: LoraConfig) -> lis
 
 
 def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str, np.ndarray]:
-    """Our adapter leaves -> PEFT's state-dict names and layouts (float32)."""
+    """Our adapter leaves -> PEFT's state-dict names and layouts, each in the adapter's own dtype."""
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     out = {}
     for path, value in flat.items():
-        value = np.asarray(value, np.float32)
+        value = np.asarray(jax.device_get(value))
         if path[-1] in ADAPTER_LEAVES:
             name = "lora_A" if path[-1] == LORA_A else "lora_B"
             out[f"{PREFIX}{'.'.join(path[:-1])}.{name}.weight"] = np.ascontiguousarray(value.T)
@@ -116,14 +118,13 @@ def peft_config(config: LoraConfig, base_model_name_or_path: str, modules_to_sav
 
 
 def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, base_model_name_or_path: str) -> str:
-    """Writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads."""
-    from safetensors.numpy import save
-
+    """Writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads; the
+    tensors keep the adapter's dtype (float32, or bfloat16 for bfloat16 adapters)."""
     state = peft_state_dict(params_or_adapter, config)
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     cfg = peft_config(config, base_model_name_or_path, _saved_modules(flat, config))
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), save_tensors(state, metadata={"format": "pt"}))
     atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True))
     return directory
 
@@ -166,9 +167,8 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
 
 
 def import_peft(directory: str) -> tuple[dict, LoraConfig]:
-    """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig)."""
-    from safetensors.numpy import load_file
-
+    """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig); the weights
+    file may hold float32 or bfloat16 tensors."""
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
@@ -176,7 +176,7 @@ def import_peft(directory: str) -> tuple[dict, LoraConfig]:
         config = lora_config_from_peft(json.load(f))
     weights = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(weights):
-        state = load_file(weights)
+        state = load_tensors(weights)
     elif os.path.exists(os.path.join(directory, "adapter_model.bin")):
         import torch  # only for old PEFT adapters saved with torch.save
 
