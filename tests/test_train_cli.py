@@ -144,3 +144,16 @@ def test_missing_column_is_reported_by_key(tmp_path, data_dir):
     config = _config(tmp_path, data_dir, "badcol")
     out = subprocess.run(_cmd(config, "--set", "data.target_column=summary"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "data.target_column: the dataset has no column 'summary'" in out.stderr
+
+
+def test_run_on_a_quantised_bfloat16_base(tmp_path, data_dir):
+    """model.quantize and model.param_dtype from the command line: NF4 kernels, bfloat16 embedding and norms, float32
+    adapters written to the adapter directory; the run trains (finite losses) and evaluates."""
+    config = _config(tmp_path, data_dir, "nf4_run", num_steps=4)
+    _run(_cmd(config, "--set", "model.quantize=nf4", "--set", "model.param_dtype=bfloat16"))
+    out_dir = tmp_path / "nf4_run"
+    losses = _losses(str(out_dir))
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    meta = json.loads((out_dir / "adapter" / "adapter_meta.json").read_text())
+    assert {leaf["dtype"] for leaf in meta["leaves"].values()} == {"float32"}
+    assert json.loads((out_dir / "config.json").read_text())["model"]["quantize"] == "nf4"
