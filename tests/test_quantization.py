@@ -224,3 +224,11 @@ def test_loading_quantises_leaf_by_leaf(method):
     _, plain = lora_jax.load_pretrained(MODEL_DIR, weights="model.safetensors")
     chex.assert_trees_all_equal(loaded, params)
     chex.assert_trees_all_equal(loaded, quantize_base(plain, method))
+
+
+def test_generation_on_a_quantised_base_equals_the_dequantised_base(tiny, batch):
+    model, params = tiny
+    q = quantize_base(params, "int8")
+    run = lambda p: np.asarray(lora_jax.generate(model, p, batch["input_ids"], batch["attention_mask"], num_beams=2,
+                                                 max_new_tokens=8))
+    np.testing.assert_array_equal(run(q), run(dequantize_tree(q)))
