@@ -96,6 +96,14 @@ def test_quantize_base_structure(tiny):
     skipped = flatten_tree(quantize_base(params, QuantSpec("nf4", exclude=("fc1",))))
     assert all(isinstance(skipped[p], NF4Kernel) != (p[-2] == "fc1") for p in kernels)
     assert lora_jax.count_params(q, verbose=False)[1] == lora_jax.count_params(params, verbose=False)[1]
+    adapted = lora_jax.init_lora(q, LORA, jax.random.PRNGKey(0))
+    labels = flatten_tree(lora_jax.param_labels(adapted, LORA))
+    assert {labels[p] for p in kernels} == {"frozen"}
+    assert not any(p[-1] == "kernel" for p in flatten_tree(lora_jax.split_trainable(adapted, LORA)[0]))
+    # the optimizer initialised on the whole tree keeps no state for quantised leaves
+    opt_state = lora_jax.lora_optimizer(optax.adam(1e-3), LORA).init(adapted)
+    quantised = lambda x: isinstance(x, (Int8Kernel, NF4Kernel))
+    assert not any(quantised(x) for x in jax.tree_util.tree_leaves(opt_state, is_leaf=quantised))
     with pytest.raises(ValueError, match="already quantised"):
         quantize_base(q, "int8")
     with pytest.raises(ValueError, match="quantisation method 'int4' is unknown"):
