@@ -3,8 +3,9 @@
 A quantised kernel (or a bfloat16 one in a float32 computation) is converted inside the layer's call, by a matmul
 with its own VJP whose backward pass converts the stored kernel again instead of keeping the converted kernel alive
 from forward to backward. So no float32 copy of the whole frozen tree ever exists: only the converted kernels of the
-layers being computed (XLA's buffer plan of a train step at bart-base width has one to two layers' worth extra). With a plain kernel in the compute dtype the layer is exactly
-`nn.Dense` (same parameters, same numerics), and `nn.intercept_methods` interceptors (LoRA's) see it as one.
+layers being computed (XLA's buffer plan of a train step at bart-base width has one to two layers' worth extra).
+With a plain kernel in the compute dtype the layer is exactly `nn.Dense` (same parameters, same numerics), and
+`nn.intercept_methods` interceptors (LoRA's) see it as one.
 """
 
 from __future__ import annotations
