@@ -89,9 +89,10 @@ def step_flops(model, lora: lora_jax.LoraConfig | None, state, batch, rng) -> fl
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def bench_train(spec: BenchSpec, full_finetune: bool) -> dict[str, Any]:
-    """Median step time of `make_train_step` (AdamW, weight decay 0, dropout on) after `warmup` steps."""
-    model, params = build_model(spec)
+def bench_train(spec: BenchSpec, full_finetune: bool, build=build_model) -> dict[str, Any]:
+    """Median step time of `make_train_step` (AdamW, weight decay 0, dropout on) after `warmup` steps, on the
+    (model, params) of `build(spec)`."""
+    model, params = build(spec)
     model = model.clone(remat=spec.remat)
     lora = None if full_finetune else lora_config(spec)
     if lora is not None:
@@ -208,9 +209,10 @@ def generation_config(spec: BenchSpec) -> GenerationConfig:
     )
 
 
-def bench_generate(spec: BenchSpec) -> dict[str, Any]:
-    """Beam-search throughput of `generate_padded` (jitted while_loop with a KV cache) on the base weights."""
-    model, params = build_model(spec)
+def bench_generate(spec: BenchSpec, build=build_model) -> dict[str, Any]:
+    """Beam-search throughput of `generate_padded` (jitted while_loop with a KV cache) on the base weights (those of
+    `build(spec)`)."""
+    model, params = build(spec)
     batch = device_batch(spec)
     cfg = generation_config(spec)
 

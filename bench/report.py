@@ -6,6 +6,8 @@ import dataclasses
 import operator
 from typing import Any, Callable, Mapping
 
+from bench.precision_report import PRECISION_SYSTEMS, precision_table
+
 Records = Mapping[str, Mapping[str, Any]]  # system name -> its JSON record (status "ok" only)
 
 # Torch rows are charged the XLA FLOP count of the matching lora_jax step (same model, batch and adapters), so every
@@ -69,6 +71,7 @@ TARGETS = (
     Target("LoRA step GFLOP/s / same-run matmul GFLOP/s", lambda r: matmul_fraction(r, "jax_lora"), ">=", 0.7),
     Target("merged forward latency / base forward latency", lambda r: _get(r, "jax_forward", "merged_over_base"), "within", 0.03),
     Target("beam search tokens/s / transformers PyTorch tokens/s", _field_ratio(("jax_generate", "tokens_per_s"), ("torch_generate", "tokens_per_s")), ">=", 1.5),
+    Target("LoRA peak memory, int8 base / lora_jax full FT peak memory", _field_ratio(("jax_lora_int8", "peak_memory_bytes"), ("jax_full", "peak_memory_bytes")), "<=", 1 / 3),
 )
 
 
@@ -191,6 +194,8 @@ def markdown(env: Mapping[str, Any], records: Records, summary_record: Mapping[s
         parts += ["### Inference", inference_table(records)]
     if "checkpoint" in records:
         parts += ["### Checkpoint size", checkpoint_table(records)]
+    if any(s in records for s in PRECISION_SYSTEMS):
+        parts += ["### LoRA on a lighter frozen base", precision_table(records)]
     parts += ["### Targets (issue 6)", targets_table(summary_record)]
     same = summary_record.get("generation_ids_identical")
     if same is not None:

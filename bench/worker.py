@@ -39,6 +39,11 @@ SYSTEMS: dict[str, System] = {
     "jax_generate": System("bench.jax_bench", "bench_generate", (), "lora_jax beam-search generation"),
     "torch_generate": System("bench.torch_bench", "bench_generate", ("torch",), "transformers PyTorch generate"),
     "checkpoint": System("bench.jax_bench", "bench_checkpoint", (), "adapter vs full checkpoint bytes"),
+    # LoRA on a lighter frozen base (bench/jax_precision.py): bfloat16 storage, int8, NF4.
+    "jax_lora_bf16": System("bench.jax_precision", "bench_lora_bf16", (), "lora_jax LoRA train step, bfloat16 base"),
+    "jax_lora_int8": System("bench.jax_precision", "bench_lora_int8", (), "lora_jax LoRA train step, int8 base"),
+    "jax_lora_nf4": System("bench.jax_precision", "bench_lora_nf4", (), "lora_jax LoRA train step, NF4 base"),
+    "jax_generate_int8": System("bench.jax_precision", "bench_generate_int8", (), "lora_jax beam search, int8 base"),
 }
 
 
@@ -48,7 +53,7 @@ def run_system(name: str, spec: BenchSpec) -> dict:
     missing = system.missing()
     if missing:
         raise ImportError(f"system {name!r} needs {missing}: pip install 'lora_jax[torch]'")
-    if system.module == "bench.jax_bench":
+    if system.module.startswith("bench.jax"):
         from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
 
         use_memory_aware_cpu_scheduler()  # as `python -m train` does; must precede the first JAX computation

@@ -2,7 +2,8 @@
 
 Packages: `lora` (LoRA itself, model-agnostic), `models` (the Flax BART), `checkpoints` (everything on disk),
 `training` (train state and step, resumable checkpoints), `generation` (greedy and beam search), `data` (input
-pipeline); `sharding` holds meshes and partition rules. The names below are the public API.
+pipeline), `quantization` (int8 / NF4 frozen kernels); `sharding` holds meshes and partition rules. The names below
+are the public API.
 """
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ from lora_jax.lora import (
 from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
 from lora_jax.models.config import BartConfig, bart_base_config
 from lora_jax.models.tying import untie_embeddings
+from lora_jax.quantization import QuantSpec, dequantize_tree, quantize_base
 from lora_jax.training import (
     TrainState,
     create_train_state,

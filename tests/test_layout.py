@@ -95,6 +95,7 @@ def test_package_import_graph_is_acyclic():
         ("lora_jax.lora", ("lora_jax.models", "lora_jax.checkpoints", "lora_jax.training")),
         ("lora_jax.sharding", ("lora_jax.models", "lora_jax.checkpoints")),
         ("lora_jax.models", ("lora_jax.lora", "lora_jax.checkpoints", "lora_jax.training")),
+        ("lora_jax.quantization", ("lora_jax.lora", "lora_jax.models", "lora_jax.checkpoints", "lora_jax.training")),
     ],
 )
 def test_layers_import_only_downwards(layer, forbidden):

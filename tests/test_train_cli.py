@@ -203,3 +203,17 @@ def test_a_second_run_into_the_same_output_dir_fails_at_once(tmp_path, data_dir)
     error = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert second.returncode == 2 and len(error) == 1 and f"in use by another run (pid {proc.pid} on " in error[0]
     assert "train.output_dir" in error[0]
+
+
+
+def test_run_on_a_quantised_bfloat16_base(tmp_path, data_dir):
+    """model.quantize and model.param_dtype from the command line: NF4 kernels, bfloat16 embedding and norms, float32
+    adapters written to the adapter directory; the run trains (finite losses) and evaluates."""
+    config = _config(tmp_path, data_dir, "nf4_run", num_steps=4)
+    _run(_cmd(config, "--set", "model.quantize=nf4", "--set", "model.param_dtype=bfloat16"))
+    out_dir = tmp_path / "nf4_run"
+    losses = _losses(str(out_dir))
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    meta = json.loads((out_dir / "adapter" / "adapter_meta.json").read_text())
+    assert {leaf["dtype"] for leaf in meta["leaves"].values()} == {"float32"}
+    assert json.loads((out_dir / "config.json").read_text())["model"]["quantize"] == "nf4"

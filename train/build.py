@@ -19,6 +19,7 @@ from lora_jax.generation import GenerationConfig, config_from_model, load_genera
 from lora_jax.lora import LoraConfig, LoraModel
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
+from lora_jax.quantization import QuantSpec, quantize_base
 from train.config import RunConfig, generation_overrides, to_lora_config
 from train.guard import guard_optimizer
 
@@ -49,18 +50,29 @@ class Run:
         return lora_jax.with_lora(self.model, self.lora_config)
 
 
-def _dtype(name: str):
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+def _dtype(name: str | None):
+    return {None: None, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
+
+
+def quant_spec(cfg: RunConfig) -> QuantSpec | None:
+    """model.quantize as a QuantSpec; modules trained in full (lora.modules_to_save) stay unquantised."""
+    if cfg.model.quantize is None:
+        return None
+    return QuantSpec(cfg.model.quantize, exclude=tuple(cfg.lora.modules_to_save))
 
 
 def load_model(cfg: RunConfig, mesh: Mesh) -> tuple[BartForConditionalGeneration, dict]:
-    """(model, params) from the checkpoint, sharded onto the mesh, or randomly initialised from model.init_config."""
-    dtype = _dtype(cfg.model.dtype)
+    """(model, params) from the checkpoint, sharded onto the mesh, or randomly initialised from model.init_config;
+    weights stored in model.param_dtype (default model.dtype) or quantised (model.quantize), converted leaf by leaf."""
+    dtype, spec = _dtype(cfg.model.dtype), quant_spec(cfg)
+    param_dtype = _dtype(cfg.model.param_dtype) or dtype
     if cfg.model.checkpoint is not None:
-        return lora_jax.load_pretrained(cfg.model.checkpoint, dtype=dtype, mesh=mesh if mesh.size > 1 else None)
+        return lora_jax.load_pretrained(cfg.model.checkpoint, dtype=dtype, param_dtype=param_dtype, quantize=spec,
+                                        mesh=mesh if mesh.size > 1 else None)
     config = BartConfig.from_dict(cfg.model.init_config)
-    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
-    return model, init_params(model, jax.random.PRNGKey(cfg.train.seed))
+    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=param_dtype)
+    params = init_params(model, jax.random.PRNGKey(cfg.train.seed))
+    return model, params if spec is None else quantize_base(params, spec)
 
 
 def generation_settings(cfg: RunConfig, model_config: BartConfig, checkpoint_dir: str | None) -> GenerationConfig:
@@ -90,7 +102,7 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
         adapter, lora_config, _ = lora_jax.load_adapter(adapter_dir, base_params=params)
         params = lora_jax.combine(params, adapter)
     elif lora_config is not None and for_training:
-        params = lora_jax.init_lora(params, lora_config, jax.random.PRNGKey(cfg.train.seed + 1))
+        params = lora_jax.init_lora(params, lora_config, jax.random.PRNGKey(cfg.train.seed + 1), _dtype(cfg.lora.dtype))
     gen = generation_settings(cfg, model.config, cfg.model.checkpoint)
     return Run(cfg, model, params, tokenizer, splits, dropped, lora_config, mesh, gen,
                model.config.pad_token_id, model.config.decoder_start_token_id)

@@ -33,7 +33,13 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     checkpoint: str | None = None  # local dir or hub id; None = random init from init_config
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the model
+    # Storage dtype of the (frozen) base weights; null = model.dtype. bfloat16 with dtype float32: half the weight
+    # memory, float32 arithmetic (each kernel converted inside its layer's call).
+    param_dtype: Literal["float32", "bfloat16"] | None = None
+    # Store every Dense kernel of the base quantised (LoRA only): "int8" (per-output-channel absmax) or "nf4"
+    # (QLoRA's 4-bit NormalFloat); the embedding, norms and biases stay in param_dtype.
+    quantize: Literal["int8", "nf4"] | None = None
     tokenizer: str | None = None  # None = the checkpoint's
     init_config: dict | None = None  # BartConfig fields for a randomly initialised model
     remat: str | None = None  # rematerialise each layer in training: null, "dots" (same speed, less memory), "full"
@@ -70,6 +76,7 @@ def derived_section(name: str, source: type, *, names: typing.Iterable[str] | No
 LoraSection = derived_section("LoraSection", LoraConfig, extra=[
     ("mode", Literal["lora", "full"], "lora"),  # "full": fine-tune every parameter, the LoraConfig fields unused
     ("loraplus_lr_ratio", Annotated[float | None, Gt(0)], None),  # LoRA+: the B matrices' learning rate is this times the others'
+    ("dtype", Literal["float32", "bfloat16"], "float32"),  # the adapters' dtype (and their optimizer state's)
 ])
 
 
@@ -252,6 +259,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.model.remat is not None and cfg.model.remat not in REMAT_POLICIES:
         raise ConfigError(f"config key 'model.remat' must be null or one of {sorted(REMAT_POLICIES)}, got {cfg.model.remat!r}")
+    if cfg.model.quantize is not None and cfg.lora.mode == "full":
+        raise ConfigError(f"model.quantize={cfg.model.quantize!r} needs lora.mode 'lora': quantised kernels are frozen "
+                          "(set model.quantize: null to fine-tune every weight)")
     if cfg.model.checkpoint is None and cfg.model.init_config is None:
         raise ConfigError("model.checkpoint is null: give a checkpoint (dir or hub id) or model.init_config for random init")
     if cfg.model.checkpoint is None and cfg.model.tokenizer is None:

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from lora_jax.checkpoints import orbax_reads
 from lora_jax.checkpoints.files import damaged_files, file_digests
 from lora_jax.lora.config import LoraConfig
+from lora_jax.quantization import dequantize
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, adapter_params, split_trainable
 from lora_jax.models.tying import LM_HEAD, SHARED, UNTIED_LEAVES
 from lora_jax.tree import flatten_paths, path_str, unflatten_tree
@@ -86,7 +87,8 @@ def legacy_fingerprint(base_params: Mapping) -> dict:
     embeddings = [k for k in sorted(flat) if k.endswith("/embedding")][:1]
     for key in kernels + embeddings:
         digest.update(key.encode())
-        digest.update(np.ascontiguousarray(np.asarray(jax.device_get(flat[key]), np.float32)[:8]).tobytes())
+        values = jax.device_get(dequantize(flat[key]))  # a quantised base is fingerprinted by what it computes with
+        digest.update(np.ascontiguousarray(np.asarray(values, np.float32)[:8]).tobytes())
     return {"shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(), "values_sha256": digest.hexdigest(),
             "num_leaves": len(flat)}
 

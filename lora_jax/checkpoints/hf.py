@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +24,15 @@ from jax.sharding import Mesh
 
 from lora_jax import sharding
 from lora_jax.checkpoints.files import atomic_write
+from lora_jax.checkpoints.safetensors_io import SAFE_INDEX, SAFE_WEIGHTS, LazySafetensors
 from lora_jax.lora.transform import ADAPTER_LEAVES
 from lora_jax.models.bart import BartForConditionalGeneration, activation
 from lora_jax.models.config import BartConfig
 from lora_jax.models.tying import has_untied_leaves, untie_embeddings
+from lora_jax.quantization import QuantSpec, as_spec, quantize_leaf
 from lora_jax.tree import flatten_tree, unflatten_tree
 
 FLAX_WEIGHTS = "flax_model.msgpack"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -93,18 +93,8 @@ def _to_flax(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
     return array.T if path[-1] == "kernel" else array
 
 
-def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    index = os.path.join(directory, SAFE_INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, np.ndarray] = {}
-        for name in files:
-            state.update(load_file(os.path.join(directory, name)))
-        return state
-    return load_file(os.path.join(directory, SAFE_WEIGHTS))
+def _read_safetensors(directory: str) -> Mapping[str, np.ndarray]:
+    return LazySafetensors(directory)  # each tensor read when looked up
 
 
 def _read_torch_bin(directory: str) -> dict[str, np.ndarray]:
@@ -127,34 +117,48 @@ def _shape_error(problems: list[str], what: str) -> CheckpointMismatchError:
     )
 
 
-def _with_shared_embedding(state: dict[str, np.ndarray], config: BartConfig) -> dict[str, np.ndarray]:
-    """`state` with `model.shared.weight` filled in from an alias when the checkpoint stores the shared embedding
-    under another name. Tied: the aliases are the same weight (transformers ties them on load, ignoring their own
-    values), so one that differs from model.shared.weight gets a warning: the checkpoint was probably saved untied."""
+def _warn_ignored_tied_aliases(state: Mapping[str, Any], config: BartConfig) -> None:
+    """Tied: the aliases of the shared embedding are the same weight (transformers ties them on load, ignoring their
+    own values), so one that differs from it gets a warning: the checkpoint was probably saved untied. Reads only the
+    embedding tensors (a lazy `state` stays lazy)."""
     aliases = [k for k in TIED_EMBEDDING_KEYS[1:] if k in state]
-    if SHARED_KEY not in state and aliases:
-        state[SHARED_KEY] = state[aliases[0]]
-    if not config.tie_word_embeddings:
-        return state
-    differing = [k for k in aliases if np.shape(state[k]) == np.shape(state[SHARED_KEY]) and not np.array_equal(state[k], state[SHARED_KEY])]
+    shared_key = SHARED_KEY if SHARED_KEY in state else (aliases[0] if aliases else None)
+    if not config.tie_word_embeddings or shared_key is None:
+        return
+    shared = np.asarray(state[shared_key])
+    differing = [k for k in aliases if k != shared_key and np.shape(state[k]) == shared.shape
+                 and not np.array_equal(np.asarray(state[k]), shared)]
     if differing:
         warnings.warn(
-            f"config.json says tie_word_embeddings=true, so {differing} are ignored and {SHARED_KEY} is used in their "
+            f"config.json says tie_word_embeddings=true, so {differing} are ignored and {shared_key} is used in their "
             "place (as transformers does), but they hold other values: if the model was trained untied, set "
             "tie_word_embeddings: false in its config.json"
         )
-    return state
 
 
-def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartConfig) -> dict:
-    """A PyTorch-layout BART state dict -> our nested Flax params (float32 numpy leaves).
+LeafConverter = Callable[[tuple[str, ...], np.ndarray], Any]
 
+
+def _state_key(state: Mapping[str, Any], path: tuple[str, ...]) -> str:
+    """The state-dict name holding leaf `path`; the tied embedding may be under any of TIED_EMBEDDING_KEYS."""
+    key = torch_key(path)
+    if key == SHARED_KEY and key not in state:
+        return next((k for k in TIED_EMBEDDING_KEYS[1:] if k in state), key)
+    return key
+
+
+def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartConfig,
+                                 convert: LeafConverter | None = None) -> dict:
+    """A PyTorch-layout BART state dict -> our nested Flax params (float32 numpy leaves, or `convert(path, leaf)`).
+
+    Each tensor is looked up, transposed, checked and converted before the next is looked up, so with a lazy `state`
+    (`LazySafetensors`) and a `convert` that makes the leaf smaller, the float32 model is never held whole.
     Raises CheckpointMismatchError naming every missing parameter and every shape that differs."""
     shapes = expected_shapes(config)
-    state = _with_shared_embedding(dict(state), config)
+    _warn_ignored_tied_aliases(state, config)
     flat, problems = {}, []
     for path, shape in shapes.items():
-        key = torch_key(path)
+        key = _state_key(state, path)
         if key not in state:
             problems.append(f"missing weight {key!r} (Flax {'/'.join(path)}, expected shape {shape})")
             continue
@@ -164,7 +168,7 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], config: BartCo
         if tuple(value.shape) != shape:
             problems.append(f"{key}: checkpoint has shape {tuple(value.shape)} (as Flax {'/'.join(path)}), config expects {shape}")
             continue
-        flat[path] = value
+        flat[path] = value if convert is None else convert(path, value)
     if problems:
         raise _shape_error(problems, "the checkpoint")
     used = {torch_key(p) for p in shapes} | (set(TIED_EMBEDDING_KEYS) if config.tie_word_embeddings else set())
@@ -199,34 +203,63 @@ def _check_flax_tree(params: Mapping, config: BartConfig) -> None:
         raise _shape_error(problems, FLAX_WEIGHTS)
 
 
-def _read_flax(directory: str, config: BartConfig) -> dict:
+def _read_flax(directory: str, config: BartConfig, convert: LeafConverter | None = None) -> dict:
+    # msgpack has no index: the file is decoded whole. Each leaf is converted and its float32 original dropped before
+    # the next, so the float32 copy shrinks as the converted tree grows.
     with open(os.path.join(directory, FLAX_WEIGHTS), "rb") as f:
         params = serialization.msgpack_restore(f.read())
     params = params.get("params", params)
     _check_flax_tree(params, config)
-    return params
+    if convert is None:
+        return params
+    flat = flatten_tree(params)
+    del params
+    return unflatten_tree({path: convert(path, flat.pop(path)) for path in list(flat)})
 
 
 _READERS = {
     FLAX_WEIGHTS: _read_flax,
-    SAFE_WEIGHTS: lambda d, c: params_from_torch_state_dict(_read_safetensors(d), c),
-    TORCH_WEIGHTS: lambda d, c: params_from_torch_state_dict(_read_torch_bin(d), c),
+    SAFE_WEIGHTS: lambda d, c, convert=None: params_from_torch_state_dict(_read_safetensors(d), c, convert),
+    TORCH_WEIGHTS: lambda d, c, convert=None: params_from_torch_state_dict(_read_torch_bin(d), c, convert),
 }
+_FILES = {FLAX_WEIGHTS: [FLAX_WEIGHTS], SAFE_WEIGHTS: [SAFE_WEIGHTS, SAFE_INDEX], TORCH_WEIGHTS: [TORCH_WEIGHTS]}
 
 
-def read_params(directory: str, config: BartConfig, weights: str | None = None) -> dict:
-    """Params (numpy float32 leaves) from `directory`: from the `weights` file if given, else from the first of
-    flax_model.msgpack, model.safetensors (or its sharded index), pytorch_model.bin that exists."""
+def read_params(directory: str, config: BartConfig, weights: str | None = None,
+                convert: LeafConverter | None = None) -> dict:
+    """Params from `directory` (numpy float32 leaves, or what `convert(path, leaf)` makes of each): from the `weights`
+    file if given, else from the first of flax_model.msgpack, model.safetensors (or its sharded index),
+    pytorch_model.bin that exists — model.safetensors first when `convert` is given, since it is read tensor by
+    tensor (the float32 model is never held whole)."""
     if weights is not None:
         if weights not in _READERS:
             raise ValueError(f"weights={weights!r}: use one of {sorted(_READERS)}")
-        return _READERS[weights](directory, config)
-    for name, files in ((FLAX_WEIGHTS, [FLAX_WEIGHTS]), (SAFE_WEIGHTS, [SAFE_WEIGHTS, SAFE_INDEX]), (TORCH_WEIGHTS, [TORCH_WEIGHTS])):
-        if any(os.path.exists(os.path.join(directory, f)) for f in files):
-            return _READERS[name](directory, config)
+        return _READERS[weights](directory, config, convert)
+    order = [FLAX_WEIGHTS, SAFE_WEIGHTS, TORCH_WEIGHTS]
+    if convert is not None:
+        order = [SAFE_WEIGHTS, FLAX_WEIGHTS, TORCH_WEIGHTS]
+    for name in order:
+        if any(os.path.exists(os.path.join(directory, f)) for f in _FILES[name]):
+            return _READERS[name](directory, config, convert)
     raise FileNotFoundError(
         f"no weights in {directory}: expected one of {FLAX_WEIGHTS}, {SAFE_WEIGHTS} (or {SAFE_INDEX}), {TORCH_WEIGHTS}"
     )
+
+
+def leaf_converter(param_dtype: Any, quantize: QuantSpec | None, on_device: bool) -> LeafConverter:
+    """convert(path, float32 leaf) -> the leaf as stored: quantised where `quantize` applies (from the float32 values,
+    remembering `param_dtype` as the dtype to dequantise to), else cast to `param_dtype`; a device array when
+    `on_device`, else a host (numpy) one."""
+    dtype_name = jnp.dtype(param_dtype).name
+
+    def convert(path: tuple[str, ...], value: np.ndarray) -> Any:
+        stored = quantize_leaf(path, value, quantize)
+        if stored is not value:
+            return stored.replace(dtype=dtype_name)
+        value = np.asarray(value).astype(param_dtype)
+        return jnp.asarray(value) if on_device else value
+
+    return convert
 
 
 def load_pretrained(
@@ -234,13 +267,19 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     weights: str | None = None,
     *,
+    param_dtype: Any = None,
+    quantize: QuantSpec | str | None = None,
     mesh: Mesh | None = None,
     shard_params: bool = True,
     min_shard_size: int = sharding.MIN_SHARD_SIZE,
 ) -> tuple[BartForConditionalGeneration, dict]:
     """Loads a BART checkpoint -> (model, params).
 
-    dtype: computation and storage dtype of the model and its params (float32 default, bfloat16 allowed).
+    dtype: the model's computation dtype (float32 default, bfloat16 allowed).
+    param_dtype: the dtype the weights are stored in (default: `dtype`); e.g. bfloat16 weights computing in float32.
+    quantize: "int8", "nf4" or a `QuantSpec`: every Dense kernel is stored quantised (`lora_jax.quantization`).
+      Each weight is converted (cast or quantised) as it is read, one at a time: from model.safetensors (preferred
+      when present) the float32 model is never held whole.
     weights: force a weights file ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"); default: the first of
       those found, in that order.
     mesh: load straight into this mesh: weights are read into host memory once and each device receives only its
@@ -249,12 +288,17 @@ def load_pretrained(
     directory = resolve(str(path_or_hub_id))
     config = BartConfig.from_pretrained(directory)
     activation(config.activation_function)  # an unsupported activation fails here, naming it, not at the first call
-    params = read_params(directory, config, weights)
-    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=param_dtype)
+    convert = None
+    if quantize is not None or jnp.dtype(param_dtype) != jnp.float32:
+        convert = leaf_converter(param_dtype, as_spec(quantize), on_device=mesh is None)
+    params = read_params(directory, config, weights, convert)
+    if convert is None:
+        params = jax.tree_util.tree_map(jnp.asarray if mesh is None else np.asarray, params)
     if mesh is None:
-        return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
-    host = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), params)
-    return model, sharding.put_sharded(host, sharding.tree_shardings(host, mesh, shard_params, min_shard_size))
+        return model, params
+    return model, sharding.put_sharded(params, sharding.tree_shardings(params, mesh, shard_params, min_shard_size))
 
 
 def load_tokenizer(path_or_hub_id: str):

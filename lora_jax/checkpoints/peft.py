@@ -14,10 +14,12 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.checkpoints.hf import torch_key
 from lora_jax.checkpoints.peft_weights import reconcile_config
+from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_params
 from lora_jax.tree import flatten_tree, unflatten_tree
@@ -71,7 +73,7 @@ def _saved_modules(adapter_flat: Mapping[tuple, Any], config: LoraConfig) -> lis
 
 
 def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str, np.ndarray]:
-    """Our adapter leaves -> PEFT's state-dict names and layouts (float32)."""
+    """Our adapter leaves -> PEFT's state-dict names and layouts, each in the adapter's own dtype."""
     embeddings = {p[:-1] for p in flatten_tree(params_or_adapter) if p[-1] == "embedding"}
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     out = {}
@@ -82,7 +84,7 @@ def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str,
                 "decoder call embed_tokens, its head is lm_head), so PEFT would compute something else. Untie the base "
                 "(lora_jax.untie_embeddings) and adapt embed_tokens / lm_head, or export a merged model instead"
             )
-        value = np.asarray(value, np.float32)
+        value = np.asarray(jax.device_get(value))
         if path[-1] in ADAPTER_LEAVES:
             name = "A" if path[-1] == LORA_A else "B"
             module = path[:-1]
@@ -132,14 +134,13 @@ def peft_config(config: LoraConfig, base_model_name_or_path: str, modules_to_sav
 
 
 def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, base_model_name_or_path: str) -> str:
-    """Writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads."""
-    from safetensors.numpy import save
-
+    """Writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads; the
+    tensors keep the adapter's dtype (float32, or bfloat16 for bfloat16 adapters)."""
     state = peft_state_dict(params_or_adapter, config)
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     cfg = peft_config(config, base_model_name_or_path, _saved_modules(flat, config))
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), save_tensors(state, metadata={"format": "pt"}))
     atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True))
     return directory
 
@@ -182,12 +183,11 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
 
 
 def _read_state(directory: str) -> dict[str, np.ndarray]:
-    """The adapter's tensors: adapter_model.safetensors, else an old torch-pickled adapter_model.bin (needs torch)."""
-    from safetensors.numpy import load_file
-
+    """The adapter's tensors: adapter_model.safetensors (float32 or bfloat16), else an old torch-pickled
+    adapter_model.bin (needs torch)."""
     weights, legacy = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, "adapter_model.bin")
     if os.path.exists(weights):
-        return load_file(weights)
+        return load_tensors(weights)
     if not os.path.exists(legacy):
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (nor an old adapter_model.bin)")
     try:

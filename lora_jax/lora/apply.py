@@ -3,7 +3,7 @@
 The adapters are not a new layer type. `LoraModel.apply` runs the wrapped module's `apply` under
 `flax.linen.intercept_methods`, and the interceptor adds the side branch
 
-    y = x @ W + b + scale * (dropout(x) @ A) @ B
+    y = x @ W + b + scale * (dropout(x) @ A) @ B     (the branch in float32, added in the compute dtype)
 
 to every `nn.Dense.__call__` whose params hold `lora_a`/`lora_b` (and `embed(ids) + scale * A[ids] @ B` to an adapted
 `nn.Embed`). So any linen model built from `nn.Dense` gets LoRA
@@ -68,7 +68,10 @@ def lora_interceptor(config: LoraConfig):
         if config.dropout > 0.0 and module.has_rng("dropout"):
             x = _adapter_dropout(module, x, config.dropout)
         scale = config.scale_for("/".join(module.path))
-        delta = (x.astype(a.dtype) @ a) @ b.astype(a.dtype)
+        # Mixed precision by trainability: the side branch runs in float32 whatever the base's storage or compute
+        # dtype (and the adapters' own), and is added to the base output once, in the compute dtype.
+        f32 = jnp.float32
+        delta = (x.astype(f32) @ a.astype(f32)) @ b.astype(f32)
         return y + (scale * delta).astype(y.dtype)
 
     return intercept

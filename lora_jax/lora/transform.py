@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lora_jax.lora.config import LoraConfig, path_matches
+from lora_jax.quantization import dequantize
 from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
 
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -138,15 +139,16 @@ def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 
 def merge_lora(params: Mapping, config: LoraConfig) -> dict:
-    """W' = W + scale·A@B for every adapted kernel (in the kernel's dtype); adapter leaves removed, so the result has
-    exactly the base model's tree."""
+    """W' = W + scale·A@B for every adapted kernel, computed in float32 and cast once to the kernel's dtype; adapter
+    leaves removed, so the result has exactly the base model's tree. On a quantised base (`quantize_base`) every
+    quantised kernel is dequantised (to the dtype it had before quantisation): the result is a plain tree."""
     flat = flatten_tree(params)
-    out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
+    out = {p: dequantize(v) for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
     for path in [p for p in flat if p[-1] == LORA_A]:
         module = path[:-1]
         weight = weight_path(flat, module)
         delta = _delta(flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module)))
-        out[weight] = (jnp.asarray(flat[weight], jnp.float32) + delta).astype(flat[weight].dtype)
+        out[weight] = (dequantize(flat[weight], jnp.float32) + delta).astype(flat[weight].dtype)
     return unflatten_tree(out)
 
 

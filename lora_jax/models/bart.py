@@ -12,7 +12,8 @@ and the decoder, see `lora_jax.models.tying`):
              decoder: {..., layers: {'0': {self_attn, self_attn_layer_norm, encoder_attn,
                                            encoder_attn_layer_norm, fc1, fc2, final_layer_norm}, ...}}}}
 
-Every projection is a plain `nn.Dense`, which is what lets LoRA attach to any of them by interception.
+Every projection is an `nn.Dense` (`lora_jax.quantization.Dense`: the same layer, also accepting a kernel stored
+quantised or in another dtype than it computes in), which is what lets LoRA attach to any of them by interception.
 Decoding with a key/value cache is functional: the cache is a pytree passed in and returned, so it can be the
 carry of a `lax.while_loop` (see `lora_jax.generation`).
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from lora_jax.models.config import BartConfig
+from lora_jax.quantization import Dense
 
 Array = jax.Array
 # BART's learned positions are offset by 2 (a fairseq legacy): position p reads row p + 2.
@@ -73,7 +75,7 @@ class BartAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        dense = lambda name: nn.Dense(
+        dense = lambda name: Dense(
             self.config.d_model,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -142,8 +144,8 @@ def _setup_self_attention_and_feed_forward(layer: nn.Module, heads: int, ffn_dim
     init = nn.initializers.normal(c.init_std)
     layer.self_attn = BartAttention(c, heads, dt, pdt)
     layer.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
-    layer.fc1 = nn.Dense(ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
-    layer.fc2 = nn.Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
+    layer.fc1 = Dense(ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
+    layer.fc2 = Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
     layer.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
     layer.dropout = nn.Dropout(c.dropout)
     layer.act_dropout = nn.Dropout(c.activation_dropout)
