@@ -17,7 +17,9 @@ import yaml
 
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.lora.config import LoraConfig
+from lora_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from lora_jax.models.bart import REMAT_POLICIES
+from lora_jax.training.runtime import DEFAULT_COMPILATION_CACHE
 from lora_jax.sharding import MeshConfig
 
 
@@ -32,6 +34,8 @@ class ModelSection:
     tokenizer: str | None = None  # None = the checkpoint's
     init_config: dict | None = None  # BartConfig fields for a randomly initialised model
     remat: str | None = None  # rematerialise each layer in training: null, "dots" (same speed, less memory), "full"
+    scan_layers: bool = True  # run each layer stack as one lax.scan (one layer body compiled, not one per layer)
+    attention: str | None = None  # null (jax.nn.dot_product_attention, XLA), "xla", "cudnn" (NVIDIA GPU, bf16), "explicit"
 
 
 def _yaml_hint(hint: Any) -> Any:
@@ -117,6 +121,8 @@ class TrainSection:
     max_nonfinite_steps: int = 10
     # Stop when a logged train loss exceeds this multiple of the median of the earlier logged losses (null: off).
     divergence_factor: float | None = 3.0
+    # JAX's persistent compilation cache: a re-run or resume reads its compiled steps from here (null: off).
+    compile_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
 
 
 # `eval`: the beam-search settings of ROUGE evaluation (GenerationConfig fields, on top of the checkpoint's own
@@ -251,6 +257,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"config key '{key}' must be in [0, {high:g}], got {value}")
     if cfg.model.remat is not None and cfg.model.remat not in REMAT_POLICIES:
         raise ConfigError(f"config key 'model.remat' must be null or one of {sorted(REMAT_POLICIES)}, got {cfg.model.remat!r}")
+    if cfg.model.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config key 'model.attention' must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {cfg.model.attention!r}")
     if cfg.model.checkpoint is None and cfg.model.init_config is None:
         raise ConfigError("model.checkpoint is null: give a checkpoint (dir or hub id) or model.init_config for random init")
     if cfg.model.checkpoint is None and cfg.model.tokenizer is None:

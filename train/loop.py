@@ -129,6 +129,8 @@ def train(cfg: RunConfig) -> dict:
     loop = run_steps(run, m, start(run, m, state))
     summary = {"steps": loop.step, "stopped_early": loop.stopped_early,
                "train_compilations": m.train_step.num_compilations(), "last_train_metrics": loop.last_metrics,
+               "train_compile_s": m.train_step.compile_stats().seconds,
+               "train_compile_cache_hits": m.train_step.compile_stats().cache_hits,
                "output_dir": out}
     if not loop.stopped_early:
         summary.update(finish(run, m, loop))
@@ -166,6 +168,8 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
         if m.train_step.num_compilations() > compilations:  # a new bucket shape was compiled: drop the compiler's garbage
             compilations = m.train_step.num_compilations()
             release_host_memory()
+            log.info("train step for batch shape %s compiled: %s so far", tuple(batch["input_ids"].shape),
+                     m.train_step.compile_stats().describe())
         window_tokens += _counted_tokens(batch)
         if step % cfg.log_every == 0 or step == cfg.num_steps:
             loop = dataclasses.replace(loop, last_metrics=_log_train(m, bar, step, metrics, window_tokens, window_start))
