@@ -72,6 +72,13 @@ def backend_fields() -> dict[str, Any]:
     return {"framework": f"jax {jax.__version__}", "backend": jax.default_backend(), "device": device.device_kind}
 
 
+def check_device(spec: BenchSpec) -> None:
+    """A clear error when the spec asks for a GPU this process does not have."""
+    if spec.device == "gpu" and jax.default_backend() != "gpu":
+        raise RuntimeError(f"--device gpu, but JAX sees no GPU (backend {jax.default_backend()!r}); "
+                           "install jax[cuda12] on a machine with an NVIDIA GPU, or run without --device gpu")
+
+
 def device_peak_bytes() -> int | None:
     """Peak bytes allocated on the accelerator (None on CPU, where RSS is measured instead)."""
     if jax.default_backend() == "cpu":
@@ -91,8 +98,11 @@ def step_flops(model, lora: lora_jax.LoraConfig | None, state, batch, rng) -> fl
 
 def bench_train(spec: BenchSpec, full_finetune: bool) -> dict[str, Any]:
     """Median step time of `make_train_step` (AdamW, weight decay 0, dropout on) after `warmup` steps."""
+    check_device(spec)
     model, params = build_model(spec)
-    model = model.clone(remat=spec.remat)
+    model = model.clone(remat=spec.remat, scan_layers=spec.scan_layers)
+    if spec.device == "gpu":  # bfloat16 compute over float32 weights, as PyTorch's bf16 autocast does
+        model = model.clone(dtype=jnp.bfloat16)
     lora = None if full_finetune else lora_config(spec)
     if lora is not None:
         params = lora_jax.init_lora(params, lora, jax.random.PRNGKey(spec.seed + 1))

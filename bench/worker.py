@@ -39,6 +39,8 @@ SYSTEMS: dict[str, System] = {
     "jax_generate": System("bench.jax_bench", "bench_generate", (), "lora_jax beam-search generation"),
     "torch_generate": System("bench.torch_bench", "bench_generate", ("torch",), "transformers PyTorch generate"),
     "checkpoint": System("bench.jax_bench", "bench_checkpoint", (), "adapter vs full checkpoint bytes"),
+    "jax_compile": System("bench.compile_time", "bench_compile", (),
+                          "LoRA train-step compile time: unrolled / scanned cold, scanned from the persistent cache"),
 }
 
 
