@@ -36,6 +36,16 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
                  dropout=0.1, attention_dropout=0.1, activation_dropout=0.1),
 }
 
+DEVICES = ("cpu", "gpu")
+# Dense bfloat16 peak TFLOP/s of NVIDIA GPUs (vendor data sheets, SXM parts, no sparsity), by a substring of the
+# device name: the denominator of MFU.
+GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    return next((tflops * 1e12 for key, tflops in GPU_PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
 # Sizes used when --batch / --source-len / --target-len are not given.
 DEFAULT_SHAPES = {"tiny": dict(batch=2, source_len=32, target_len=16), "base": dict(batch=4, source_len=256, target_len=64)}
 
@@ -50,6 +60,9 @@ class BenchSpec:
     LoraConfig.dropout. num_beams / max_new_tokens: beam-search settings (max_new_tokens None = target_len).
     torch_threads: torch.set_num_threads (None = every core this process may use).
     remat: the lora_jax model's rematerialisation policy in both JAX training systems (None = off).
+    scan_layers: the JAX training systems run each layer stack as one lax.scan (`model.scan_layers`).
+    device: "cpu", or "gpu": every child runs on the GPU (JAX with bfloat16 compute over float32 weights, PyTorch
+    with bfloat16 autocast and sdpa attention) and train rows report MFU.
     """
 
     model: str = "tiny"
@@ -72,6 +85,8 @@ class BenchSpec:
     torch_threads: int | None = None
     seed: int = 0
     remat: str | None = "dots"
+    scan_layers: bool = True
+    device: str = "cpu"
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -86,6 +101,8 @@ class BenchSpec:
         if self.remat not in (None, "dots", "dots_no_batch", "full"):  # lora_jax.models.bart.REMAT_POLICIES (not
             # imported: torch children must not load JAX)
             raise ValueError(f"--remat must be none, dots, dots_no_batch or full, got {self.remat!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first JAX step compiles, so it is never timed), got {self.warmup}")
         limit = self.model_fields()["max_position_embeddings"]

@@ -7,6 +7,8 @@ import operator
 from typing import Any, Callable, Mapping
 
 from bench.precision_report import PRECISION_SYSTEMS, precision_table
+from bench.common import gpu_peak_flops
+from bench.compile_time import compile_table
 
 Records = Mapping[str, Mapping[str, Any]]  # system name -> its JSON record (status "ok" only)
 
@@ -72,7 +74,18 @@ TARGETS = (
     Target("merged forward latency / base forward latency", lambda r: _get(r, "jax_forward", "merged_over_base"), "within", 0.03),
     Target("beam search tokens/s / transformers PyTorch tokens/s", _field_ratio(("jax_generate", "tokens_per_s"), ("torch_generate", "tokens_per_s")), ">=", 1.5),
     Target("LoRA peak memory, int8 base / lora_jax full FT peak memory", _field_ratio(("jax_lora_int8", "peak_memory_bytes"), ("jax_full", "peak_memory_bytes")), "<=", 1 / 3),
+    Target("LoRA train-step compile s, scanned, cold (issue 15)", lambda r: _get(r, "jax_compile", "scanned_cold_s"), "<=", 15.0),
+    Target("LoRA train-step compile s, from the persistent cache (issue 15)", lambda r: _get(r, "jax_compile", "scanned_cached_s"), "<=", 3.0),
 )
+
+
+def mfu(records: Records, system: str) -> float | None:
+    """Model FLOP utilisation on a GPU: the row's XLA-counted FLOP/s over the GPU's dense bf16 peak."""
+    r, rate = records.get(system, {}), xla_gflops(records, system)
+    if r.get("backend") not in ("gpu", "cuda") or rate is None:
+        return None
+    peak = gpu_peak_flops(str(r.get("device", "")))
+    return None if peak is None else rate * 1e9 / peak
 
 
 def summary(records: Records) -> dict[str, Any]:
@@ -86,6 +99,7 @@ def summary(records: Records) -> dict[str, Any]:
         "targets": [t.check(records) for t in TARGETS],
         "xla_gflops_per_s": {s: xla_gflops(records, s) for s in TRAIN_SYSTEMS if s in records},
         "matmul_fraction": {s: matmul_fraction(records, s) for s in TRAIN_SYSTEMS if s in records},
+        "mfu": {s: mfu(records, s) for s in TRAIN_SYSTEMS if s in records},
         "generation_ids_identical": same_ids,
         "adapter_over_full_checkpoint": _get(records, "checkpoint", "adapter_over_full"),
     }
@@ -196,6 +210,10 @@ def markdown(env: Mapping[str, Any], records: Records, summary_record: Mapping[s
         parts += ["### Checkpoint size", checkpoint_table(records)]
     if any(s in records for s in PRECISION_SYSTEMS):
         parts += ["### LoRA on a lighter frozen base", precision_table(records)]
+    if "jax_compile" in records:
+        parts += ["### Compile time", compile_table(records)]
+    if any(v is not None for v in summary_record.get("mfu", {}).values()):
+        parts.append("MFU (GPU, dense bf16 peak): " + ", ".join(f"{s} {_fmt(v)}" for s, v in summary_record["mfu"].items()))
     parts += ["### Targets (issue 6)", targets_table(summary_record)]
     same = summary_record.get("generation_ids_identical")
     if same is not None:

@@ -131,6 +131,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--remat", default="dots", help="lora_jax remat policy for both JAX training systems: dots, "
                         "dots_no_batch, full or none (default dots: same speed, less memory)")
+    parser.add_argument("--no-scan-layers", action="store_true", help="JAX training systems run their layers unrolled "
+                        "(default: one lax.scan per layer stack, model.scan_layers)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: run every system on the GPU "
+                        "(JAX bf16 compute, PyTorch bf16 autocast + sdpa) and report MFU; fails clearly without one")
     parser.add_argument("--systems", nargs="+", help="subset to run, in the default order (space- or comma-separated)")
     parser.add_argument("--json-out", help="also write the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per system before it is killed")
@@ -149,8 +153,22 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lora_dropout=args.lora_dropout,
         dropout=args.dropout, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         matmul_size=args.matmul_size, torch_threads=args.torch_threads, seed=args.seed,
-        remat=None if args.remat == "none" else args.remat,
+        remat=None if args.remat == "none" else args.remat, scan_layers=not args.no_scan_layers, device=args.device,
     )
+
+
+def jax_backend() -> str:
+    """The platform JAX picks in a fresh process (the runner itself never imports JAX)."""
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"], capture_output=True,
+                         text=True, cwd=REPO_ROOT)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def check_gpu_present(backend: str) -> None:
+    if backend != "gpu":
+        raise SystemExit(f"bench: --device gpu, but no GPU is present (JAX's backend here is {backend!r}); run on a "
+                         "machine with an NVIDIA GPU and jax[cuda12] (and a CUDA torch for the PyTorch rows), or drop "
+                         "--device gpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args)
     except ValueError as e:
         raise SystemExit(f"bench: {e}") from None
+    if spec.device == "gpu":
+        check_gpu_present(jax_backend())
     if spec.steps < 5:
         print(f"[bench] note: --steps {spec.steps} < 5; the issue-6 targets ask for a median of >= 5", file=sys.stderr)
     lines, records, failures = [], {}, {}

@@ -32,7 +32,15 @@ def backend_fields() -> dict[str, Any]:
 
 
 def setup_threads(spec: BenchSpec) -> None:
+    if spec.device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("--device gpu, but torch sees no CUDA GPU; install a CUDA build of torch on a machine with "
+                           "an NVIDIA GPU, or run without --device gpu")
     torch.set_num_threads(spec.torch_threads or cpu_count())
+
+
+def autocast(spec: BenchSpec):
+    """bfloat16 autocast on the GPU (the peer of lora_jax's bfloat16 compute there); a no-op on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.device == "gpu")
 
 
 def hf_config(spec: BenchSpec) -> transformers.BartConfig:
@@ -123,7 +131,8 @@ def bench_train(spec: BenchSpec, lora: bool) -> dict[str, Any]:
     losses = []
 
     def one_step():
-        loss = model(**batch).loss
+        with autocast(spec):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +200,8 @@ def bench_generate(spec: BenchSpec) -> dict[str, Any]:
 
     @torch.inference_mode()
     def run():
-        ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=cfg)
+        with autocast(spec):
+            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=cfg)
         synchronize()
         return ids.cpu().numpy()
 

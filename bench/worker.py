@@ -44,6 +44,8 @@ SYSTEMS: dict[str, System] = {
     "jax_lora_int8": System("bench.jax_precision", "bench_lora_int8", (), "lora_jax LoRA train step, int8 base"),
     "jax_lora_nf4": System("bench.jax_precision", "bench_lora_nf4", (), "lora_jax LoRA train step, NF4 base"),
     "jax_generate_int8": System("bench.jax_precision", "bench_generate_int8", (), "lora_jax beam search, int8 base"),
+    "jax_compile": System("bench.compile_time", "bench_compile", (),
+                          "LoRA train-step compile time: unrolled / scanned cold, scanned from the persistent cache"),
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from bench.common import BenchSpec, make_batch, random_leaves
 from bench.report import TARGETS, Target, summary
-from bench.run import select_systems
+from bench.run import check_gpu_present, jax_backend, select_systems
 from bench.worker import SYSTEMS, System
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +27,7 @@ REQUIRED = {
     "forward": ("base_s", "merged_s", "unmerged_s", "merged_over_base", "peak_memory_bytes"),
     "generate": ("time_s", "tokens_per_s", "peak_memory_bytes"),
     "checkpoint": ("adapter_bytes", "full_safetensors_bytes", "adapter_over_full"),
+    "compile": ("unrolled_cold_s", "scanned_cold_s", "scanned_cached_s", "scanned_cold_compilations"),
 }
 
 
@@ -35,7 +36,7 @@ def smoke_run(tmp_path_factory):
     """(stdout, JSON lines from stdout, JSON lines from --json-out) of one tiny run of every system."""
     out = tmp_path_factory.mktemp("bench") / "results.jsonl"
     proc = subprocess.run([sys.executable, "-m", "bench.run", *SMOKE_ARGS, "--json-out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     json_part = proc.stdout.split("\n\n", 1)[0]
     lines = [json.loads(line) for line in json_part.splitlines()]
@@ -52,7 +53,7 @@ def test_stdout_is_json_lines_then_tables(smoke_run):
     assert lines[0]["system"] == "environment" and lines[-1]["system"] == "summary"
     assert [line["system"] for line in lines[1:-1]] == list(SYSTEMS)
     assert saved == lines
-    for heading in ("### Training step", "### Inference", "### Checkpoint size", "### Targets (issue 6)"):
+    for heading in ("### Training step", "### Inference", "### Checkpoint size", "### Compile time", "### Targets (issue 6)"):
         assert heading in stdout
     for target in TARGETS:
         assert f"| {target.name} |" in stdout
@@ -177,3 +178,26 @@ def test_children_import_only_their_framework(module, forbidden):
         pytest.skip("optional extra not installed: pip install 'lora_jax[torch]'")
     code = f"import sys, {module}; sys.exit({forbidden!r} in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_compile_time_reads_the_scanned_step_back_from_the_persistent_cache(smoke_run):
+    record = by_system(smoke_run[1])["jax_compile"]
+    assert record["scanned_cold_cache_hits"] == 0 and record["unrolled_cold_cache_hits"] == 0
+    assert record["scanned_cached_compilations"] == record["scanned_cold_compilations"] >= 1
+    assert record["scanned_cached_cache_hits"] == record["scanned_cached_compilations"]
+
+
+def test_gpu_mode_without_a_gpu_says_so():
+    with pytest.raises(SystemExit, match=r"--device gpu, but no GPU is present \(JAX's backend here is 'cpu'\)"):
+        check_gpu_present("cpu")
+    check_gpu_present("gpu")  # no error where there is one
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--device", "gpu", "--systems", "matmul"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if jax_backend() != "gpu":  # the end-to-end message on this (GPU-less) machine: nothing is run or printed
+        assert proc.returncode != 0 and proc.stdout == ""
+        assert "--device gpu, but no GPU is present" in proc.stderr
+
+
+def test_spec_rejects_an_unknown_device():
+    with pytest.raises(ValueError, match="--device must be one of"):
+        BenchSpec(device="tpu")

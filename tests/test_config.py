@@ -26,6 +26,9 @@ def test_defaults_and_overrides(cfg_file):
     assert cfg.train.num_steps == 7 and cfg.lora.alpha == 32.0
     assert to_lora_config(cfg).targets == ("q_proj", "k_proj")
     assert to_lora_config(load_config(cfg_file(), ["lora.mode=full"])) is None
+    cfg = load_config(cfg_file(), ["model.scan_layers=false", "model.attention=explicit", "train.compile_cache_dir=null"])
+    assert (cfg.model.scan_layers, cfg.model.attention, cfg.train.compile_cache_dir) == (False, "explicit", None)
+    assert load_config(cfg_file()).model.scan_layers is True
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,7 @@ def test_defaults_and_overrides(cfg_file):
         (["data.clean_fraction=-0.1"], r"'data.clean_fraction' must be in \[0, 1\], got -0.1"),
         (["data.join_rows=0"], r"'data.join_rows' must be >= 1, got 0"),
         (["model.remat=dot"], r"'model.remat' must be null or one of \['dots', 'dots_no_batch', 'full'\], got 'dot'"),
+        (["model.attention=flash"], r"'model.attention' must be one of \[None, 'xla', 'cudnn', 'explicit'\], got 'flash'"),
     ],
 )
 def test_bad_configs_name_the_key(cfg_file, overrides, match):

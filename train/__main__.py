@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
+from lora_jax.training.runtime import enable_compilation_cache, use_memory_aware_cpu_scheduler
 from train.config import ConfigError, load_config
 
 
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
         return 2
     from train.guard import TrainingDivergedError
     from train.lock import OutputDirLockedError
+    enable_compilation_cache(cfg.train.compile_cache_dir)  # before the first compilation
     from train.loop import train
 
     try:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e} (set LORA_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 3 if isinstance(e, TrainingDivergedError) else 2
-    print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "eval_loss",
+    print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "train_compile_s", "eval_loss",
                                                   "rouge_before", "rouge_after", "trainable_params", "saved")}, default=float))
     return 0
 

@@ -88,7 +88,8 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
     """Loads model, tokenizer and data, and applies the LoRA config (fresh adapters, or `adapter_dir`'s)."""
     mesh = sharding.make_mesh(cfg.mesh)
     model, params = load_model(cfg, mesh)
-    model = model.clone(remat=cfg.model.remat)  # rematerialisation policy; parameters unchanged
+    # rematerialisation, scanned layers, attention path: how the model computes; parameters unchanged
+    model = model.clone(remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
     tokenizer = lora_jax.load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")

@@ -18,8 +18,10 @@ import yaml
 
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.lora.config import LoraConfig
+from lora_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from lora_jax.models.bart import REMAT_POLICIES
 from lora_jax.ranges import Ge, Gt, Interval, range_violation, split_annotated
+from lora_jax.training.runtime import DEFAULT_COMPILATION_CACHE
 from lora_jax.sharding import MeshConfig
 
 Positive = Annotated[int, Ge(1)]  # counts, sizes and intervals: 0 would divide by zero or do nothing
@@ -43,6 +45,8 @@ class ModelSection:
     tokenizer: str | None = None  # None = the checkpoint's
     init_config: dict | None = None  # BartConfig fields for a randomly initialised model
     remat: str | None = None  # rematerialise each layer in training: null, "dots" (same speed, less memory), "full"
+    scan_layers: bool = True  # run each layer stack as one lax.scan (one layer body compiled, not one per layer)
+    attention: str | None = None  # null (jax.nn.dot_product_attention, XLA), "xla", "cudnn" (NVIDIA GPU, bf16), "explicit"
 
 
 def _yaml_hint(hint: Any) -> Any:
@@ -136,6 +140,8 @@ class TrainSection:
     max_nonfinite_steps: Positive = 10
     # Stop when a logged train loss exceeds this multiple of the median of the earlier logged losses (null: off).
     divergence_factor: Annotated[float | None, Gt(1)] = 3.0
+    # JAX's persistent compilation cache: a re-run or resume reads its compiled steps from here (null: off).
+    compile_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
 
 
 # `eval`: the beam-search settings of ROUGE evaluation (GenerationConfig fields, on top of the checkpoint's own
@@ -262,6 +268,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.model.quantize is not None and cfg.lora.mode == "full":
         raise ConfigError(f"model.quantize={cfg.model.quantize!r} needs lora.mode 'lora': quantised kernels are frozen "
                           "(set model.quantize: null to fine-tune every weight)")
+    if cfg.model.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config key 'model.attention' must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {cfg.model.attention!r}")
     if cfg.model.checkpoint is None and cfg.model.init_config is None:
         raise ConfigError("model.checkpoint is null: give a checkpoint (dir or hub id) or model.init_config for random init")
     if cfg.model.checkpoint is None and cfg.model.tokenizer is None:

@@ -178,17 +178,23 @@ def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> d
     except TrainingDivergedError as e:
         kept = m.checkpointer.steps()
         summary.update(status="diverged", error=str(e), steps=e.step, last_good_checkpoint=kept[0] if kept else None,
-                       train_compilations=m.train_step.num_compilations())
+                       **_compile_summary(m))
         _close(m, summary, is_main)
         raise
     summary.update(status="stopped_early" if loop.stopped_early else "finished", steps=loop.step,
-                   stopped_early=loop.stopped_early, train_compilations=m.train_step.num_compilations(),
-                   last_train_metrics=loop.last_metrics, skipped_steps=loop.skipped_steps,
+                   stopped_early=loop.stopped_early, **_compile_summary(m), last_train_metrics=loop.last_metrics,
+                   skipped_steps=loop.skipped_steps,
                    resume_changes=list(loop.resume_changes))
     if not loop.stopped_early:
         summary.update(finish(run, m, loop))
     _close(m, summary, is_main)
     return summary
+
+
+def _compile_summary(m: Machinery) -> dict:
+    stats = m.train_step.compile_stats()
+    return {"train_compilations": m.train_step.num_compilations(), "train_compile_s": stats.seconds,
+            "train_compile_cache_hits": stats.cache_hits}
 
 
 def _close(m: Machinery, summary: dict, is_main: bool) -> None:
@@ -264,6 +270,8 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
         if m.train_step.num_compilations() > compilations:  # a new bucket shape was compiled: drop the compiler's garbage
             compilations = m.train_step.num_compilations()
             release_host_memory()
+            log.info("train step for batch shape %s compiled: %s so far", tuple(batch["input_ids"].shape),
+                     m.train_step.compile_stats().describe())
         window_tokens += _counted_tokens(batch)
         logging_now = step % cfg.log_every == 0 or step == cfg.num_steps
         stopping = m.checkpointer.should_stop(step)

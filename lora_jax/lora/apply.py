@@ -89,8 +89,13 @@ class LoraModel:
     lora_config: LoraConfig
 
     def apply(self, variables, *args, **kwargs):
+        module = self.module
+        if getattr(module, "scan_layers", False) and (self.lora_config.rank_pattern or self.lora_config.alpha_pattern):
+            # A scanned layer body has one module path for every layer, so a per-path scale could not be told
+            # apart there: run the layers unrolled (same parameters, same result).
+            module = module.clone(scan_layers=False)
         with nn.intercept_methods(lora_interceptor(self.lora_config)):
-            return self.module.apply(variables, *args, **kwargs)
+            return module.apply(variables, *args, **kwargs)
 
     def init(self, *args, **kwargs):
         return self.module.init(*args, **kwargs)

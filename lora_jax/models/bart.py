@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from lora_jax.models.attention import BartAttention, causal_bias, check_attention, padding_bias
 from lora_jax.models.config import BartConfig
 from lora_jax.quantization import Dense
+from lora_jax.models.layer_stack import REMAT_POLICIES, LayerStack, remat_policy  # noqa: F401 (re-exported)
 
 Array = jax.Array
 # BART's learned positions are offset by 2 (a fairseq legacy): position p reads row p + 2.
 POSITION_OFFSET = 2
-_NEG_INF = -1e9
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -54,84 +55,6 @@ def activation(name: str):
         raise ValueError(f"activation_function {name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
 
 
-def padding_bias(mask: Array, dtype=jnp.float32) -> Array:
-    """(B, Tk) 1/0 mask -> (B, 1, 1, Tk) additive attention bias."""
-    return jnp.where(mask[:, None, None, :] > 0, 0.0, _NEG_INF).astype(dtype)
-
-
-def causal_bias(q_len: int, k_len: int, q_offset: Array | int = 0, dtype=jnp.float32) -> Array:
-    """(1, 1, Tq, Tk) additive bias letting query i (at absolute position q_offset + i) see keys <= it."""
-    q_pos = jnp.arange(q_len)[:, None] + q_offset
-    k_pos = jnp.arange(k_len)[None, :]
-    return jnp.where(k_pos <= q_pos, 0.0, _NEG_INF).astype(dtype)[None, None]
-
-
-class BartAttention(nn.Module):
-    """Multi-head attention; `kv` given in `cached_kv` skips the key/value projections (cross-attention cache)."""
-
-    config: BartConfig
-    num_heads: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self):
-        dense = lambda name: Dense(
-            self.config.d_model,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.normal(self.config.init_std),
-            name=name,
-        )
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (dense(n) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
-        self.attn_dropout = nn.Dropout(rate=self.config.attention_dropout)
-
-    def _split(self, x: Array) -> Array:  # (B, T, D) -> (B, T, H, Dh)
-        return x.reshape(x.shape[:2] + (self.num_heads, -1))
-
-    def project_kv(self, states: Array) -> tuple[Array, Array]:
-        """(B, T, D) -> keys, values, each head-major (B, H, T, Dh): the layout the attention matmuls read, so a
-        cached key/value is laid out once, not transposed again at every decoding step."""
-        heads_first = lambda x: self._split(x).transpose(0, 2, 1, 3)
-        return heads_first(self.k_proj(states)), heads_first(self.v_proj(states))
-
-    def __call__(
-        self,
-        hidden: Array,
-        bias: Array,
-        kv_states: Array | None = None,
-        cached_kv: tuple[Array, Array] | None = None,
-        self_cache: dict | None = None,
-        deterministic: bool = True,
-    ) -> tuple[Array, dict | None]:
-        """hidden (B, Tq, D); bias broadcastable to (B, H, Tq, Tk) -> ((B, Tq, D), updated self_cache).
-
-        `self_cache` = {'k', 'v': (B, H, L, Dh), 'index': ()} holds past self-attention keys/values; the new ones
-        are written at `index` and attention runs over all L slots (the bias masks the unwritten ones).
-        `cached_kv` may hold fewer rows than `hidden`, (B / G, H, Tk, Dh): then each group of G consecutive rows of
-        `hidden` (the beams of one input) attends to one row of keys/values, and `bias` is (B / G, 1, 1, Tk).
-        """
-        head_dim = self.config.d_model // self.num_heads
-        q = self._split(self.q_proj(hidden)) * (head_dim**-0.5)  # (B, Tq, H, Dh)
-        if cached_kv is not None:
-            k, v = cached_kv
-        else:
-            k, v = self.project_kv(hidden if kv_states is None else kv_states)
-        if k.shape[0] != q.shape[0]:
-            # Beams share their input's keys/values: fold the G beams into the query axis, so one (G*Tq, Tk)
-            # attention per input reads the keys/values once instead of G times.
-            q = q.reshape((k.shape[0], -1) + q.shape[2:])
-        if self_cache is not None:
-            idx = self_cache["index"]
-            k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, 0, idx, 0))
-            v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), (0, 0, idx, 0))
-            self_cache = {"k": k, "v": v, "index": idx + hidden.shape[1]}
-        logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        weights = jax.nn.softmax(logits, axis=-1)
-        weights = self.attn_dropout(weights, deterministic=deterministic).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(hidden.shape[:2] + (-1,))
-        return self.out_proj(out), self_cache
-
-
 def _layer_norm(dtype, param_dtype, name):
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
@@ -142,7 +65,7 @@ def _setup_self_attention_and_feed_forward(layer: nn.Module, heads: int, ffn_dim
     fc2 (ffn_dim, d_model), final_layer_norm, and the dropouts."""
     c, dt, pdt = layer.config, layer.dtype, layer.param_dtype
     init = nn.initializers.normal(c.init_std)
-    layer.self_attn = BartAttention(c, heads, dt, pdt)
+    layer.self_attn = BartAttention(c, heads, dt, pdt, layer.attention)
     layer.self_attn_layer_norm = _layer_norm(dt, pdt, "self_attn_layer_norm")
     layer.fc1 = Dense(ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
     layer.fc2 = Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
@@ -163,6 +86,7 @@ class BartEncoderLayer(nn.Module):
     config: BartConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str | None = None
 
     def setup(self):
         _setup_self_attention_and_feed_forward(self, self.config.encoder_attention_heads, self.config.encoder_ffn_dim)
@@ -178,11 +102,12 @@ class BartDecoderLayer(nn.Module):
     config: BartConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str | None = None
 
     def setup(self):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         _setup_self_attention_and_feed_forward(self, c.decoder_attention_heads, c.decoder_ffn_dim)
-        self.encoder_attn = BartAttention(c, c.decoder_attention_heads, dt, pdt)
+        self.encoder_attn = BartAttention(c, c.decoder_attention_heads, dt, pdt, self.attention)
         self.encoder_attn_layer_norm = _layer_norm(dt, pdt, "encoder_attn_layer_norm")
 
     def cross_kv(self, encoder_hidden: Array) -> tuple[Array, Array]:
@@ -217,44 +142,6 @@ class BartDecoderLayer(nn.Module):
         return hidden, new_cache
 
 
-# Rematerialisation policies by name: what a layer keeps for the backward pass; the rest is recomputed there.
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input: least memory, +1 forward
-    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute softmax/GELU/LayerNorm/dropout
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also recompute attention matmuls
-}
-# Index of `deterministic` in each layer's __call__, counting self (it must be static under remat).
-_DETERMINISTIC_ARG = {"BartEncoderLayer": 3, "BartDecoderLayer": 6}
-
-
-def remat_policy(name: str | None):
-    if name is None:
-        return None
-    try:
-        return REMAT_POLICIES[name]
-    except KeyError:
-        raise ValueError(f"remat={name!r} is not a policy; use None or one of {sorted(REMAT_POLICIES)}") from None
-
-
-class _LayerStack(nn.Module):
-    """Holds layers named '0', '1', ... so the tree reads `layers/0/...` as in transformers. With `remat` set, each
-    layer is wrapped in `nn.remat` (same parameter names), so its activations are recomputed in the backward pass."""
-
-    config: BartConfig
-    layer_cls: Any
-    num_layers: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str | None = None
-
-    def setup(self):
-        layer_cls = self.layer_cls
-        if self.remat is not None:
-            static = (_DETERMINISTIC_ARG[layer_cls.__name__],)
-            layer_cls = nn.remat(layer_cls, static_argnums=static, policy=remat_policy(self.remat))
-        self.layers = [layer_cls(self.config, self.dtype, self.param_dtype, name=str(i)) for i in range(self.num_layers)]
-
-
 class _Stack(nn.Module):
     """What the encoder and the decoder share: the token embedding (`shared` when tied, else its own `embed_tokens`,
     see `lora_jax.models.tying`), learned positions (max_position_embeddings + 2 rows), layernorm_embedding,
@@ -265,6 +152,8 @@ class _Stack(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
+    scan_layers: bool = False
+    attention: str | None = None
 
     def layer_spec(self) -> tuple[type, int]:
         """(layer class, number of layers)."""
@@ -297,7 +186,8 @@ class _Stack(nn.Module):
         self.own_embed_tokens = _embedding(c, self.dtype, self.param_dtype, "embed_tokens")
         self.dropout = nn.Dropout(c.dropout)
         layer_cls, num_layers = self.layer_spec()
-        self.layers = _LayerStack(c, layer_cls, num_layers, self.dtype, self.param_dtype, self.remat)
+        self.layers = LayerStack(c, layer_cls, num_layers, self.dtype, self.param_dtype, self.remat, self.scan_layers,
+                                 self.attention)
 
 
 class BartEncoder(_Stack):
@@ -314,9 +204,7 @@ class BartEncoder(_Stack):
         hidden = hidden + self.embed_positions(jnp.arange(seq_len) + POSITION_OFFSET)[None]
         hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
         bias = padding_bias(attention_mask)
-        for layer in self.layers.layers:
-            hidden = layer(hidden, bias, deterministic)  # positional: a static argument under remat
-        return hidden
+        return self.layers(hidden, (bias,), deterministic)
 
 
 class BartDecoder(_Stack):
@@ -351,13 +239,12 @@ class BartDecoder(_Stack):
         if decoder_attention_mask is not None:
             self_bias = self_bias + padding_bias(decoder_attention_mask)
         cross_bias = padding_bias(encoder_attention_mask)
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers.layers):
-            hidden, layer_cache = layer(
-                hidden, self_bias, encoder_hidden, cross_bias, None if cache is None else cache[i], deterministic
-            )
-            if cache is not None:
-                new_cache.append(layer_cache)
+        if cache is None:
+            return self.layers(hidden, (self_bias, encoder_hidden, cross_bias, None), deterministic), None
+        new_cache = []
+        for layer, layer_cache in zip(self.layers.layers, cache):  # decoding: unrolled, the cache stays per layer
+            hidden, layer_cache = layer(hidden, self_bias, encoder_hidden, cross_bias, layer_cache, deterministic)
+            new_cache.append(layer_cache)
         return hidden, new_cache
 
 
@@ -374,12 +261,15 @@ class BartModule(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
+    scan_layers: bool = False
+    attention: str | None = None
 
     def setup(self):
         c = self.config
         self.shared = _embedding(c, self.dtype, self.param_dtype, "shared")
-        self.encoder = BartEncoder(c, self.shared, self.dtype, self.param_dtype, self.remat)
-        self.decoder = BartDecoder(c, self.shared, self.dtype, self.param_dtype, self.remat)
+        stack = dict(remat=self.remat, scan_layers=self.scan_layers, attention=self.attention)
+        self.encoder = BartEncoder(c, self.shared, self.dtype, self.param_dtype, **stack)
+        self.decoder = BartDecoder(c, self.shared, self.dtype, self.param_dtype, **stack)
 
 
 class BartForConditionalGeneration(nn.Module):
@@ -394,16 +284,23 @@ class BartForConditionalGeneration(nn.Module):
     remat: None, or a REMAT_POLICIES name ('full', 'dots', 'dots_no_batch'): every encoder/decoder layer is
     rematerialised with that policy in training, trading recomputation for activation memory (e.g.
     `model.clone(remat="dots")`). Parameters and outputs are unchanged.
+    scan_layers: run each layer stack as one `lax.scan` in cache-free calls (training, evaluation, encoding), so
+    XLA compiles one layer body instead of one per layer (lora_jax/models/layer_stack.py); same parameter tree.
+    attention: None / "xla" / "cudnn" (`jax.nn.dot_product_attention`'s implementation) or "explicit"
+    (lora_jax/models/attention.py says which calls use which path).
     """
 
     config: BartConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
+    scan_layers: bool = False
+    attention: str | None = None
 
     def setup(self):
         remat_policy(self.remat)  # a clear error for an unknown name
-        self.model = BartModule(self.config, self.dtype, self.param_dtype, self.remat)
+        check_attention(self.attention)
+        self.model = BartModule(self.config, self.dtype, self.param_dtype, self.remat, self.scan_layers, self.attention)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, self.config.vocab_size), self.param_dtype)
         init = nn.initializers.normal(self.config.init_std)
         self.lm_head = nn.Dense(

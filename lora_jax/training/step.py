@@ -215,7 +215,8 @@ def jit_train_update(update: Callable[[TrainState, Batch, jax.Array], tuple[Trai
                      shardings: tuple | None = None) -> StepFn:
     """Jits `update(state, batch, rng)` with the step, trainable leaves and optimizer state donated and the frozen
     leaves a plain input. The optimizer `state.tx` is a static argument: one compilation per optimizer and shape.
-    The returned step's `num_compilations()` counts its XLA compilations (`lora_jax.compile_events`)."""
+    The returned step's `num_compilations()` counts its XLA compilations and `compile_stats()` gives their count,
+    seconds and persistent-cache hits (`lora_jax.compile_events`)."""
 
     def update_parts(step, trainable, opt_state, frozen, batch, rng, tx):
         new, metrics = update(TrainState(step, trainable, frozen, opt_state, tx), batch, rng)
@@ -231,6 +232,7 @@ def jit_train_update(update: Callable[[TrainState, Batch, jax.Array], tuple[Trai
         return state.replace(step=step, trainable=trainable, opt_state=opt_state), metrics
 
     train_step.num_compilations = lambda: compile_events.compilations(update_parts.__name__)
+    train_step.compile_stats = lambda: compile_events.stats(update_parts.__name__)
     return train_step
 
 
@@ -270,6 +272,7 @@ def make_train_step(
         return update(state, batch, rng)
 
     train_step.num_compilations = lambda: 0
+    train_step.compile_stats = compile_events.CompileStats
     return train_step
 
 
