@@ -170,15 +170,32 @@ def replace_adapter(stacked: Mapping, info: StackInfo, name: str, adapter: Mappi
         first = int(info.base_slot)
         raise ValueError(f"slot {slot} is not an adapter slot of this stack ({first}..{info.num_slots - 1} are)")
     modules = _adapter_modules(name, adapter)
+    stack = _cleared(stacked, slot)
+    _fill_slot(stack, slot, name, modules, config, info.rank)
+    return _to_tree(stack), _with_slot(info, slot, name, config, _ranks(modules))
+
+
+def remove_adapter(stacked: Mapping, info: StackInfo, name: str) -> tuple[dict, StackInfo]:
+    """Empties adapter `name`'s slot (zeros, name ""), keeping every shape."""
+    slot = info.slot(name)
+    if not name:
+        raise ValueError("the base slot cannot be removed")
+    return _to_tree(_cleared(stacked, slot)), _with_slot(info, slot, BASE, None, ())
+
+
+def _cleared(stacked: Mapping, slot: int) -> dict[str, dict]:
+    """The stacked leaves as writable host arrays {module: {leaf: array}}, with slot `slot` zeroed."""
     stack = {m: {leaf: np.array(v) for leaf, v in leaves.items()} for m, leaves in _by_module(stacked).items()}
     for leaves in stack.values():
         for leaf in leaves.values():
             leaf[slot] = 0
-    _fill_slot(stack, slot, name, modules, config, info.rank)
+    return stack
+
+
+def _with_slot(info: StackInfo, slot: int, name: str, config: LoraConfig | None, modules: tuple) -> StackInfo:
     names, configs, mods = list(info.names), list(info.configs), list(info.modules_of)
-    names[slot], configs[slot], mods[slot] = name, config, _ranks(modules)
-    return _to_tree(stack), dataclasses.replace(info, names=tuple(names), configs=tuple(configs),
-                                                 modules_of=tuple(mods))
+    names[slot], configs[slot], mods[slot] = name, config, modules
+    return dataclasses.replace(info, names=tuple(names), configs=tuple(configs), modules_of=tuple(mods))
 
 
 def _by_module(stacked: Mapping) -> dict[str, dict]:
