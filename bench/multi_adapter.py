@@ -10,7 +10,7 @@ For each K: K random adapters (LoRA r --rank on q_proj and v_proj, non-zero A an
 - forward (logits of the batch, jitted, median of --repeats calls timed round-robin): the base; one adapter merged
   (W + sAB: the plain model's cost); the mixed batch through MultiLoraModel, gathered and grouped. The per-example
   overhead is mixed / merged - 1.
-- beam search (tokens/s; every row decodes exactly --max-new-tokens tokens: EOS is blocked by min_length, so all
+- beam search (tokens/s, median of --gen-repeats calls timed round-robin; every row decodes exactly --max-new-tokens tokens: EOS is blocked by min_length, so all
   systems do the same work): (a) the base alone; (b) each adapter's rows as a separate call on that adapter's merged
   weights, one after another, merging included; the mixed batch in one `generate(..., adapter_ids=)` call (gathered
   and grouped); (c) PEFT's `generate(adapter_names=...)` on the same weights and rows, when --torch-python has torch,
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from bench.common import interleaved_median_times, median_time
+from bench.common import interleaved_median_times
 from lora_jax.generation import GenerationConfig
 from lora_jax.lora.multi import MultiLoraModel
 from lora_jax.lora.stack import stack_adapters
@@ -120,10 +120,10 @@ def bench_generate(model, base, adapters, configs, stacked, info, input_ids, mas
         multi = MultiLoraModel(model, info, method)
         runs[f"mixed_{method}"] = lambda multi=multi: np.asarray(lora_jax.generate_padded(
             multi, params, input_ids, mask, adapter_ids=ids, generation_config=cfg))
-    out = {}
-    for name, run in runs.items():
-        seconds, _ = median_time(run, repeats, warmup=1)
-        out[f"generate_{name}_tok_s"] = tokens / seconds
+    for run in runs.values():
+        run()  # compile every shape first
+    # Round-robin, so the load swings of a shared machine hit every system alike.
+    out = {f"generate_{name}_tok_s": tokens / s for name, s in interleaved_median_times(runs, repeats).items()}
     mixed, seq = runs["mixed_gather"](), runs["sequential_merged"]()
     out["mixed_equals_sequential"] = all(
         np.array_equal(mixed[[i for i, n in enumerate(names) if n == a]], seq[a]) for a in adapters)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source-len", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20, help="forward calls per variant")
-    ap.add_argument("--gen-repeats", type=int, default=3, help="timed generate calls per system")
+    ap.add_argument("--gen-repeats", type=int, default=5, help="timed generate calls per system (round-robin)")
     ap.add_argument("--peft-repeats", type=int, default=1, help="timed PEFT generate calls (after one warm-up)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-python", help="a python with torch, peft and transformers 4.x, for the PEFT row")
