@@ -120,6 +120,9 @@ def test_bad_adapter_ids_are_refused(tiny, batch, stack):
         multi.apply({"params": lora_jax.combine(base, stacked)}, *args, adapter_ids=np.array([0, 1, 7, 2]))
     with pytest.raises(ValueError, match="needs adapter_ids"):
         multi.apply({"params": lora_jax.combine(base, stacked)}, *args)
+    with pytest.raises(ValueError, match=r"adapter_ids \[4\] are not slots"):
+        lora_jax.generate(multi, lora_jax.combine(base, stacked), batch["input_ids"], batch["attention_mask"],
+                          adapter_ids=np.array([0, 1, 4, 2]), max_new_tokens=4)
     with pytest.raises(ValueError, match=r"one per input row"):
         lora_jax.generate(multi, lora_jax.combine(base, stacked), batch["input_ids"], batch["attention_mask"],
                           adapter_ids=np.array([0, 1]), max_new_tokens=4)

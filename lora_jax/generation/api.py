@@ -76,6 +76,8 @@ def _generate_buffer(model, params, input_ids, attention_mask, cfg: GenerationCo
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
     if adapter_ids is not None:
         adapter_ids = _check_adapter_ids(adapter_ids, input_ids.shape[0])
+        if hasattr(model, "check_adapter_ids"):  # inside jit an out-of-range id would be clamped silently
+            model.check_adapter_ids(adapter_ids)
     fn = decode_jit if jit else decode
     ids, _ = fn(model, cfg, _unwrap_params(params), input_ids, attention_mask, adapter_ids)
     return ids

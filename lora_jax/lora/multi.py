@@ -125,6 +125,10 @@ class MultiLoraModel:
     def init(self, *args, **kwargs):
         return self.module.init(*args, **kwargs)
 
+    def check_adapter_ids(self, adapter_ids) -> None:
+        """Raises a ValueError naming the ids that are not slots of this model's stack."""
+        check_ids(adapter_ids, self.info)
+
     def with_adapter_ids(self, adapter_ids) -> "BoundAdapterIds":
         """This model with `adapter_ids` fixed for every `apply` (what `generate(..., adapter_ids=)` uses)."""
         return BoundAdapterIds(self, adapter_ids)
