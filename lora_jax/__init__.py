@@ -26,6 +26,10 @@ from lora_jax.generation import GenerationConfig, generate, generate_padded, loa
 from lora_jax.lora import (
     LoraConfig,
     LoraModel,
+    MultiLoraModel,
+    StackInfo,
+    stack_adapters,
+    unstack,
     adamw_factory,
     adapter_params,
     combine,
@@ -38,6 +42,7 @@ from lora_jax.lora import (
     unmerge_lora,
     with_lora,
 )
+from lora_jax.serving import AdapterServer
 from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
 from lora_jax.models.config import BartConfig, bart_base_config
 from lora_jax.models.tying import untie_embeddings

@@ -71,19 +71,33 @@ def _unwrap_params(params):
     return params
 
 
-def _generate_buffer(model, params, input_ids, attention_mask, cfg: GenerationConfig, jit: bool) -> jax.Array:
+def _generate_buffer(model, params, input_ids, attention_mask, cfg: GenerationConfig, jit: bool,
+                     adapter_ids=None) -> jax.Array:
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
+    if adapter_ids is not None:
+        adapter_ids = _check_adapter_ids(adapter_ids, input_ids.shape[0])
+        if hasattr(model, "check_adapter_ids"):  # inside jit an out-of-range id would be clamped silently
+            model.check_adapter_ids(adapter_ids)
     fn = decode_jit if jit else decode
-    ids, _ = fn(model, cfg, _unwrap_params(params), input_ids, attention_mask)
+    ids, _ = fn(model, cfg, _unwrap_params(params), input_ids, attention_mask, adapter_ids)
     return ids
 
 
+def _check_adapter_ids(adapter_ids, batch: int) -> jax.Array:
+    # Per-example adapters (MultiLoraModel): one id per input row; generate repeats them per beam itself.
+    adapter_ids = jnp.asarray(adapter_ids)
+    if adapter_ids.shape != (batch,) or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+        raise ValueError(f"adapter_ids must be (batch,) = ({batch},) integers, one per input row; "
+                         f"got {adapter_ids.dtype} {adapter_ids.shape}")
+    return adapter_ids.astype(jnp.int32)
+
+
 def generate_padded(model, params, input_ids, attention_mask, *, generation_config=None, jit: bool = True,
-                    **settings: Any) -> jax.Array:
+                    adapter_ids=None, **settings: Any) -> jax.Array:
     """Like `generate` (same keyword settings), but returns the untrimmed (B, max_length) buffer as a device array,
     without a host sync: the decoder start token, the generated tokens, then `pad_token_id`."""
     cfg = resolve_config(model, generation_config, **settings)
-    return _generate_buffer(model, params, input_ids, attention_mask, cfg, jit)
+    return _generate_buffer(model, params, input_ids, attention_mask, cfg, jit, adapter_ids)
 
 
 def generate(
@@ -102,6 +116,7 @@ def generate(
     early_stopping: bool | str | None = None,
     generation_config: GenerationConfig | Mapping[str, Any] | None = None,
     jit: bool = True,
+    adapter_ids=None,
 ) -> np.ndarray:
     """Generates ids (B, L) int32 for input_ids / attention_mask (B, S), as transformers' `generate` returns them.
 
@@ -114,10 +129,12 @@ def generate(
     "inherit"). The fixed (B, max_length) buffer is trimmed on the host to the longest sequence; `generate_padded`
     returns it untrimmed. jit=False skips the outer `jax.jit` (e.g. when already inside jitted code); for a fully
     eager run use `with jax.disable_jit():`.
+    adapter_ids (B,): with a `MultiLoraModel`, each input's adapter slot (0 = the base); the encoder uses them per
+    input and the decoder per beam, in one compiled program whatever the mix.
     """
     cfg = resolve_config(
         model, generation_config, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length, forced_bos_token_id=forced_bos_token_id,
         forced_eos_token_id=forced_eos_token_id, early_stopping=early_stopping,
     )
-    return trim(np.asarray(_generate_buffer(model, params, input_ids, attention_mask, cfg, jit)), cfg)
+    return trim(np.asarray(_generate_buffer(model, params, input_ids, attention_mask, cfg, jit, adapter_ids)), cfg)

@@ -171,8 +171,21 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     return final["sequences"][:, 0, :], final["cur_len"]
 
 
-def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
-    """Greedy (num_beams 1) or beam search -> (ids (B, cfg.total_length) int32, the decoded length), un-jitted."""
+def with_adapter_ids(model, adapter_ids):
+    """Hook for per-example adapters: `model` with its (B,) `adapter_ids` bound (a `MultiLoraModel`'s
+    `with_adapter_ids`; it repeats them per beam for the decoder's B * beams rows). None leaves `model` as is."""
+    if adapter_ids is None:
+        return model
+    if not hasattr(model, "with_adapter_ids"):
+        raise ValueError(f"adapter_ids need a model that takes them (lora_jax.lora.multi.MultiLoraModel), "
+                         f"got {type(model).__name__}")
+    return model.with_adapter_ids(adapter_ids)
+
+
+def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None):
+    """Greedy (num_beams 1) or beam search -> (ids (B, cfg.total_length) int32, the decoded length), un-jitted.
+    adapter_ids (B,): each input's adapter slot, for a MultiLoraModel (traced: one program whatever the mix)."""
+    model = with_adapter_ids(model, adapter_ids)
     if cfg.num_beams == 1:
         return _greedy(model, cfg, params, input_ids, attention_mask)
     return _beam_search(model, cfg, params, input_ids, attention_mask)
@@ -183,8 +196,8 @@ def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask) -> t
 DECODE_NAME = compile_events.unique_name("lora_jax_decode")
 
 
-def _decode_to_jit(model, cfg: GenerationConfig, params, input_ids, attention_mask):
-    return decode(model, cfg, params, input_ids, attention_mask)
+def _decode_to_jit(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None):
+    return decode(model, cfg, params, input_ids, attention_mask, adapter_ids)
 
 
 _decode_to_jit.__name__ = _decode_to_jit.__qualname__ = DECODE_NAME

@@ -1,0 +1,12 @@
+"""`python -m bench.multi_adapter` runs end to end on the tiny model and its mixed batch equals the sequential runs."""
+
+from bench import multi_adapter
+from tests.conftest import MODEL_DIR
+
+
+def test_bench_runs_and_mixed_equals_sequential(capsys):
+    assert multi_adapter.main(["--base", MODEL_DIR, "--ks", "2", "--batch", "4", "--max-new-tokens", "3",
+                               "--source-len", "16", "--repeats", "1", "--gen-repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert '"mixed_equals_sequential": true' in out
+    assert "| 2 |" in out and "not run" in out  # the PEFT column without --torch-python

@@ -1,0 +1,197 @@
+"""Summarize rows with many adapters at once: each row names its adapter, batches mix them (one base in memory).
+
+    python -m train.summarize --base data/demo_base --adapter docs=runs/demo/adapter --adapter peft=out/peft \\
+        --input rows.jsonl --output out.jsonl --num-beams 4 --max-new-tokens 48
+    printf 'First line.\\nSecond line.\\n' | python -m train.summarize --base data/demo_base
+
+Input rows are JSON objects {"text": ..., "adapter": NAME} (a row without "adapter", or with null, uses the base);
+from stdin (no --input, or --input -) a line that is not a JSON object is taken as the text itself. Output rows are
+the input rows plus "summary", in input order. Generation settings default to the base's generation_config.json.
+lora_jax adapter directories and PEFT ones (adapter_config.json) are both accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="python -m train.summarize",
+        description="Generate summaries for JSON-lines rows, each with its own LoRA adapter, in mixed batches over one "
+        "frozen base (lora_jax.serving.AdapterServer: one compiled program per input shape).",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--base", required=True, help="base checkpoint directory (or hub id) the adapters were trained on")
+    ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="an adapter rows can name (lora_jax or PEFT directory); repeatable")
+    ap.add_argument("--input", default="-", help="JSON-lines file, or - for stdin (default)")
+    ap.add_argument("--output", default="-", help="JSON-lines file to write, or - for stdout (default)")
+    ap.add_argument("--text-column", default="text")
+    ap.add_argument("--adapter-column", default="adapter")
+    ap.add_argument("--summary-column", default="summary")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per generate call (mixed adapters)")
+    ap.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
+    ap.add_argument("--method", default="gather", choices=["gather", "grouped"], help="per-example adapter matmul")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--length-penalty", float),
+                       ("--no-repeat-ngram-size", int), ("--min-length", int)):
+        ap.add_argument(flag, type=kind, help="overrides the base's generation_config.json")
+    return ap.parse_args(argv)
+
+
+def parse_adapter_specs(specs) -> dict[str, str]:
+    """["name=dir", ...] -> {name: dir}; a malformed or repeated name is an error naming it."""
+    out = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter legal=runs/legal/adapter")
+        if name in out:
+            raise ValueError(f"--adapter {name!r} is given twice")
+        out[name] = directory
+    return out
+
+
+def read_rows(lines, text_column: str, adapter_column: str, names, plain_text: bool) -> list[dict]:
+    """JSON rows, checked: each needs a string `text_column` and an `adapter_column` (if present) among `names`.
+    With plain_text (stdin), a line that is not a JSON object becomes {text_column: line}."""
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if not plain_text:
+                raise ValueError(f"row {number}: not JSON ({e}); write one JSON object a line") from None
+            row = None
+        if not isinstance(row, dict):
+            if not plain_text:
+                raise ValueError(f"row {number}: expected a JSON object with {text_column!r}, got {line.strip()[:60]!r}")
+            row = {text_column: line.rstrip("\n")}
+        if not isinstance(row.get(text_column), str):
+            raise ValueError(f"row {number}: no string {text_column!r} field (keys: {sorted(row)}); "
+                             "use --text-column to name the text field")
+        adapter = row.get(adapter_column)
+        if adapter is not None and adapter not in names:
+            raise ValueError(f"row {number}: adapter {adapter!r} was not given; known: {sorted(names)} "
+                             "(add --adapter NAME=DIR)")
+        rows.append(row)
+    return rows
+
+
+def load_any_adapter(directory: str, base):
+    """(adapter tree, LoraConfig) of a PEFT adapter directory (adapter_config.json) or a lora_jax one."""
+    from lora_jax.checkpoints.adapter import check_adapter_fits, load_adapter
+    from lora_jax.checkpoints.peft import import_peft
+
+    if os.path.exists(os.path.join(directory, "adapter_config.json")):
+        adapter, config = import_peft(directory)
+        check_adapter_fits(adapter, base)
+        return adapter, config
+    adapter, config, _ = load_adapter(directory, base_params=base)
+    return adapter, config
+
+
+def _bucket(length: int, cap: int) -> int:
+    """The padded source length: the next power of two >= length (at least 8), at most `cap`."""
+    return min(cap, max(8, 1 << max(length - 1, 0).bit_length()))
+
+
+def plan_batches(lengths, batch_size: int):
+    """Row indices grouped into batches of similar source length (sorted), so padding and shapes stay few."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def encode_batch(token_ids, rows, batch_size: int, max_len: int, pad_id: int):
+    """(input_ids, attention_mask) (batch_size, bucket) for `rows` of token lists; missing rows are padding rows."""
+    width = _bucket(max(len(token_ids[r]) for r in rows), max_len)
+    ids = np.full((batch_size, width), pad_id, np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for i, r in enumerate(rows):
+        tokens = token_ids[r][:width]
+        ids[i, :len(tokens)], mask[i, :len(tokens)] = tokens, 1
+    mask[len(rows):, 0] = 1  # padding rows: one visible token so attention is defined; their output is dropped
+    return ids, mask
+
+
+def summarize_rows(server, tokenizer, rows, args, progress=None) -> tuple[list[str], int]:
+    """Summaries of `rows` in input order, and the number of generated tokens."""
+    texts = [row[args.text_column] for row in rows]
+    token_ids = tokenizer(texts, truncation=True, max_length=args.max_source_length)["input_ids"]
+    summaries, generated = [None] * len(rows), 0
+    for batch in plan_batches([len(t) for t in token_ids], args.batch_size):
+        ids, mask = encode_batch(token_ids, batch, args.batch_size, args.max_source_length, tokenizer.pad_token_id)
+        names = [rows[r].get(args.adapter_column) for r in batch] + [None] * (args.batch_size - len(batch))
+        out = server.generate(ids, mask, names)[: len(batch)]
+        generated += int(np.sum(out[:, 1:] != server.config.pad_token_id))
+        for r, text in zip(batch, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            summaries[r] = text.strip()
+        if progress is not None:
+            progress.update(len(batch))
+    return summaries, generated
+
+
+def _build_server(args, specs):
+    import lora_jax
+    from lora_jax.generation import load_generation_config
+    from lora_jax.serving import AdapterServer
+
+    model, base = lora_jax.load_pretrained(args.base)
+    loaded = {name: load_any_adapter(directory, base) for name, directory in specs.items()}
+    gen = load_generation_config(args.base) if os.path.isdir(args.base) else None
+    overrides = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty",
+                                                "no_repeat_ngram_size", "min_length") if getattr(args, k) is not None}
+    server = AdapterServer(model, base, gen, adapters={n: a for n, (a, _) in loaded.items()},
+                           configs={n: c for n, (_, c) in loaded.items()}, slots=max(len(loaded), 1),
+                           method=args.method, **overrides)
+    return server, lora_jax.load_tokenizer(args.base)
+
+
+def _open_lines(path: str):
+    if path == "-":
+        return sys.stdin.readlines()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--input {path}: no such file")
+    with open(path) as f:
+        return f.readlines()
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    from tqdm import tqdm
+
+    try:
+        specs = parse_adapter_specs(args.adapter)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        rows = read_rows(_open_lines(args.input), args.text_column, args.adapter_column, specs, args.input == "-")
+        server, tokenizer = _build_server(args, specs)
+        start = time.perf_counter()
+        with tqdm(total=len(rows), desc="summarize", disable=args.no_progress, file=sys.stderr) as bar:
+            summaries, generated = summarize_rows(server, tokenizer, rows, args, bar)
+        seconds = time.perf_counter() - start
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        print(f"summarize failed: {e}", file=sys.stderr)
+        return 2
+    lines = "".join(json.dumps({**row, args.summary_column: summary}) + "\n" for row, summary in zip(rows, summaries))
+    if args.output == "-":
+        sys.stdout.write(lines)
+    else:
+        with open(args.output, "w") as f:
+            f.write(lines)
+    print(json.dumps({"rows": len(rows), "adapters": sorted(specs), "generated_tokens": generated,
+                      "seconds": round(seconds, 2), "compilations": server.num_compilations()}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
