@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, adapter_params, split_trainable
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_MAGNITUDE, adapter_params, split_trainable
 from lora_jax.tree import flatten_paths, unflatten_tree
 
 META = "adapter_meta.json"
@@ -110,9 +110,12 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
                 problems.append(f"{key}: the base has no kernel at {module}")
                 continue
             k_in, k_out = np.shape(kernel)
-            ok = shape[0] == k_in if leaf == LORA_A else shape[1] == k_out
-            if not ok:
+            if leaf == LORA_MAGNITUDE:
+                ok, want = shape == (k_out,), f"({k_out},)"
+            else:
+                ok = len(shape) == 2 and (shape[0] == k_in if leaf == LORA_A else shape[1] == k_out)
                 want = f"({k_in}, r)" if leaf == LORA_A else f"(r, {k_out})"
+            if not ok:
                 problems.append(f"{key}: adapter has shape {shape}, the base kernel {np.shape(kernel)} needs {want}")
         elif key not in base:
             problems.append(f"{key}: no such leaf in the base")

@@ -16,13 +16,12 @@ import numpy as np
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.checkpoints.hf import torch_key
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_params
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE, adapter_params
 from lora_jax.tree import flatten_tree, unflatten_tree
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "layers_to_transform": (None,),
     "layers_pattern": (None,),
     "fan_in_fan_out": (False, None),
@@ -72,7 +71,9 @@ def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str,
     out = {}
     for path, value in flat.items():
         value = np.asarray(value, np.float32)
-        if path[-1] in ADAPTER_LEAVES:
+        if path[-1] == LORA_MAGNITUDE:  # DoRA: PEFT's name, no ".weight" in saved adapters
+            out[f"{PREFIX}{'.'.join(path[:-1])}.lora_magnitude_vector"] = np.ascontiguousarray(value)
+        elif path[-1] in ADAPTER_LEAVES:
             name = "lora_A" if path[-1] == LORA_A else "lora_B"
             out[f"{PREFIX}{'.'.join(path[:-1])}.{name}.weight"] = np.ascontiguousarray(value.T)
         else:
@@ -109,7 +110,7 @@ def peft_config(config: LoraConfig, base_model_name_or_path: str, modules_to_sav
         "revision": None,
         "target_modules": _peft_targets(config.targets),
         "task_type": "SEQ_2_SEQ_LM",
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "use_qalora": False,
         "use_rslora": config.use_rslora,
     }
@@ -148,6 +149,11 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
             raise ValueError(f"PEFT adapter uses {key}={cfg[key]!r}, which lora_jax does not support")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"PEFT adapter trains biases (bias={cfg['bias']!r}); lora_jax supports bias='none' only")
+    if cfg.get("init_lora_weights") in ("pissa", "olora") or str(cfg.get("init_lora_weights")).startswith("pissa_niter_"):
+        raise ValueError(
+            f"this PEFT adapter was initialised with init_lora_weights={cfg['init_lora_weights']!r} and saved without "
+            "conversion: it only applies to PEFT's residual base, not to the original model. Save it again in PEFT with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>) and import that")
     targets = cfg["target_modules"]
     if isinstance(targets, str):  # PEFT full-matches a regex against dotted names
         targets = (_our_pattern(targets),)
@@ -162,6 +168,7 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
         use_rslora=bool(cfg.get("use_rslora", False)),
         modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         init="gaussian" if init == "gaussian" else "kaiming_uniform",
+        use_dora=bool(cfg.get("use_dora") or False),
     )
 
 
@@ -188,11 +195,15 @@ def import_peft(directory: str) -> tuple[dict, LoraConfig]:
         name = key.removeprefix(PREFIX)
         parts = name.split(".")
         value = np.asarray(value, np.float32)
-        if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
+        if parts[-1] == "lora_magnitude_vector" or parts[-2:] == ["lora_magnitude_vector", "weight"]:
+            module = parts[:-1] if parts[-1] == "lora_magnitude_vector" else parts[:-2]
+            flat[tuple(module) + (LORA_MAGNITUDE,)] = value
+        elif len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
             leaf = LORA_A if parts[-2] == "lora_A" else LORA_B
             flat[tuple(parts[:-2]) + (leaf,)] = value.T
         elif "lora_" in name:
-            raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B weights are supported)")
+            raise ValueError(f"unsupported PEFT adapter weight {key!r} (lora_A/lora_B weights and DoRA's "
+                             "lora_magnitude_vector are supported)")
         else:  # a modules_to_save parameter under its PyTorch name
             leaf = _leaf_name(parts[-2] if len(parts) > 1 else "", parts[-1])
             flat[tuple(parts[:-1]) + (leaf,)] = value.T if leaf == "kernel" else value

@@ -13,11 +13,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from lora_jax.lora import dora
 from lora_jax.lora.config import LoraConfig, path_matches
+from lora_jax.lora.leaves import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE
+from lora_jax.lora.residual_init import residual_adapters
 from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
-
-LORA_A, LORA_B = "lora_a", "lora_b"
-ADAPTER_LEAVES = (LORA_A, LORA_B)
 
 def kernel_modules(params: Mapping) -> dict[str, tuple[int, ...]]:
     """{module path: kernel shape} for every module holding a `kernel` leaf."""
@@ -77,21 +77,28 @@ def _init_a(rng, shape, rank, init, dtype):
 
 
 def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array, adapter_dtype: Any = jnp.float32) -> dict:
-    """Adds `lora_a (in, r)` and `lora_b (r, out)` (zeros) beside every targeted kernel. Other leaves are the same
-    objects as in `params`; the input tree is not modified."""
+    """Adds `lora_a (in, r)` and `lora_b (r, out)` beside every targeted kernel (B zeros; with a residual init
+    (PiSSA / OLoRA) both from W's decomposition and the kernel replaced by its residual), and with DoRA
+    `lora_magnitude (out,)` = the column norms of W + scale·A@B. The adapted model computes what the base computes.
+    Untouched leaves are the same objects as in `params`; the input tree is not modified."""
     flat = flatten_tree(params)
     if any(p[-1] in ADAPTER_LEAVES for p in flat):
         raise ValueError("params already hold LoRA adapters; merge_lora(params, config) or start from the base params")
     modules = target_modules(params, config)
     _check_modules_to_save(flat, config)
-    keys = jax.random.split(rng, max(len(modules), 1))
-    for key, module in zip(keys, modules):
-        d_in, d_out = np.shape(flat[tuple(module.split("/")) + ("kernel",)])
-        r = config.rank_for(module)
-        base = tuple(module.split("/"))
-        flat[base + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
-        flat[base + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
-    return unflatten_tree(flat)
+    if config.residual_init:
+        flat = flatten_tree(residual_adapters(params, config, modules, rng))
+    else:
+        for key, module in zip(jax.random.split(rng, max(len(modules), 1)), modules):
+            d_in, d_out = np.shape(flat[tuple(module.split("/")) + ("kernel",)])
+            r = config.rank_for(module)
+            flat[tuple(module.split("/")) + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
+            flat[tuple(module.split("/")) + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
+    for module in modules if config.use_dora else ():
+        path = tuple(module.split("/"))
+        flat[path + (LORA_MAGNITUDE,)] = dora.column_norms(
+            flat[path + ("kernel",)], flat[path + (LORA_A,)], flat[path + (LORA_B,)], config.scale_for(module))
+    return unflatten_tree({p: v.astype(adapter_dtype) if p[-1] in ADAPTER_LEAVES else v for p, v in flat.items()})
 
 
 def is_trainable(path: Path, config: LoraConfig | None, full_finetune: bool = False) -> bool:
@@ -124,15 +131,18 @@ def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 
 def merge_lora(params: Mapping, config: LoraConfig) -> dict:
-    """W' = W + scale·A@B for every adapted kernel (in the kernel's dtype); adapter leaves removed, so the result has
-    exactly the base model's tree."""
+    """W' = W + scale·A@B for every adapted kernel (with DoRA, W' = m·(W + scale·A@B)/||W + scale·A@B||), computed in
+    float32 and cast once to the kernel's dtype; adapter leaves removed, so the result has exactly the base model's tree."""
     flat = flatten_tree(params)
     out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
     for path in [p for p in flat if p[-1] == LORA_A]:
         module = path[:-1]
-        kernel = flat[module + ("kernel",)]
-        delta = _delta(flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module)))
-        out[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+        kernel, a, b = flat[module + ("kernel",)], flat[path], flat[module + (LORA_B,)]
+        scale = config.scale_for(path_str(module))
+        if module + (LORA_MAGNITUDE,) in flat:
+            out[module + ("kernel",)] = dora.merged_kernel(kernel, a, b, flat[module + (LORA_MAGNITUDE,)], scale)
+        else:
+            out[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + _delta(a, b, scale)).astype(kernel.dtype)
     return unflatten_tree(out)
 
 
@@ -140,6 +150,9 @@ def unmerge_lora(merged: Mapping, adapter: Mapping, config: LoraConfig) -> dict:
     """Inverse of merge_lora: W = W' - scale·A@B, with the adapter (and modules_to_save) leaves put back."""
     flat = flatten_tree(merged)
     adapter_flat = flatten_tree(adapter)
+    if any(p[-1] == LORA_MAGNITUDE for p in adapter_flat):
+        raise ValueError("a DoRA merge cannot be undone from the merged kernels: the column norms of W + scale·A@B "
+                         "it divided by are gone; keep the base params and combine(base, adapter) instead")
     for path in [p for p in adapter_flat if p[-1] == LORA_A]:
         module = path[:-1]
         kernel = flat[module + ("kernel",)]
