@@ -70,3 +70,13 @@ def test_shipped_configs_parse(path):
     with open(path) as f:
         parse_section(RunConfig, yaml.safe_load(f), "")  # types and keys; files may need the network or a demo base
     assert os.path.exists(path)
+
+
+def test_lora_variants_are_reachable_from_the_run_config(cfg_file):
+    cfg = load_config(cfg_file(), ["lora.use_dora=true"])
+    assert to_lora_config(cfg).use_dora
+    assert to_lora_config(load_config(cfg_file(), ["lora.init=pissa_niter_4"])).residual_init
+    with pytest.raises(ConfigError, match="lora: .*use_dora with init='olora' is not supported"):
+        load_config(cfg_file(), ["lora.use_dora=true", "lora.init=olora"])
+    with pytest.raises(ConfigError, match="lora: LoraConfig.init must be one of"):
+        load_config(cfg_file(), ["lora.init=svd"])
