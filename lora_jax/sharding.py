@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lora_jax.ranges import Rule, check_fields
 from lora_jax.tree import flatten_paths
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,18 @@ DATA, FSDP = "data", "fsdp"
 BATCH_SPEC = P((DATA, FSDP))
 # Leaves smaller than this stay replicated: splitting biases and LayerNorms costs more in collectives than it saves.
 MIN_SHARD_SIZE = 2**14
+MeshAxis = Annotated[int, Rule("-1 (all remaining devices) or >= 1", lambda n: n == -1 or n >= 1)]
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh shape; -1 means "all remaining devices". data * fsdp must equal the device count."""
 
-    data: int = -1
-    fsdp: int = 1
+    data: MeshAxis = -1
+    fsdp: MeshAxis = 1
+
+    def __post_init__(self):
+        check_fields(self, "MeshConfig")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, int] | None) -> "MeshConfig":

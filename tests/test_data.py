@@ -44,7 +44,9 @@ def test_tokenize_drops_empty_rows_and_truncates(data_cfg, tokenizer):
 def test_missing_column_lists_the_columns(data_cfg, tokenizer):
     bad = dataclasses.replace(data_cfg, target_column="abstract")
     with pytest.raises(ValueError, match=r"data.target_column: the dataset has no column 'abstract'; its columns are \['doc', 'summary'\]"):
-        tokenize(load_splits(bad)["train"], tokenizer, bad)
+        tokenize(load_splits(data_cfg)["train"], tokenizer, bad)
+    with pytest.raises(ValueError, match=r"data.target_column: data file \S+train.jsonl has no column 'abstract'; its columns"):
+        load_splits(bad)
 
 
 def test_collate_labels_and_shift():

@@ -8,7 +8,8 @@ import pytest
 
 import lora_jax
 from lora_jax.lora import LoraConfig
-from train.guard import GuardSettings, all_finite, divergence, guard_optimizer, remember, skipped_counts
+from train.guard import (OUTLIER_PATIENCE, GuardSettings, all_finite, divergence, guard_optimizer, loss_outlier, remember,
+                         skipped_counts)
 
 CONFIG = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 SETTINGS = GuardSettings(max_nonfinite_steps=3, divergence_factor=3.0)
@@ -42,18 +43,25 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny, batch, jit):
 
 
 def test_too_many_skipped_steps_in_a_row_stop_the_run():
-    assert divergence(SETTINGS, float("nan"), (2.0, 1.9), skipped_in_a_row=2) is None
-    reason = divergence(SETTINGS, float("nan"), (2.0, 1.9), skipped_in_a_row=3)
+    assert divergence(SETTINGS, 2, 0, None) is None
+    reason = divergence(SETTINGS, 3, 0, None)
     assert "3 steps in a row" in reason and "train.max_nonfinite_steps" in reason
 
 
-def test_a_loss_far_above_its_running_median_stops_the_run():
+def test_a_loss_far_above_its_running_median_is_an_outlier():
     history = (5.0, 4.0, 3.0, 2.5)  # median 3.5
-    assert divergence(SETTINGS, 10.0, history, 0) is None  # 10 < 3 x 3.5
-    assert "above 3 x the median 3.5" in divergence(SETTINGS, 10.6, history, 0)
-    assert divergence(SETTINGS, 0.5, (0.02, 0.01), 0) is None  # 25x a near-zero median, but not 1 nat above it
-    assert divergence(SETTINGS, 99.0, (2.0,), 0) is None  # too little history to judge
-    assert divergence(GuardSettings(3, None), 99.0, history, 0) is None  # the loss rule can be turned off
+    assert loss_outlier(SETTINGS, 10.0, history) is None  # 10 < 3 x 3.5
+    assert "above 3 x the median 3.5" in loss_outlier(SETTINGS, 10.6, history)
+    assert loss_outlier(SETTINGS, 0.5, (0.02, 0.01)) is None  # 25x a near-zero median, but not 1 nat above it
+    assert loss_outlier(SETTINGS, 99.0, (2.0,)) is None  # too little history to judge
+    assert loss_outlier(GuardSettings(3, None), 99.0, history) is None  # the loss rule can be turned off
+    assert loss_outlier(SETTINGS, float("nan"), history) is None  # non-finite losses are the skip counter's
+
+
+def test_only_outliers_at_several_checks_in_a_row_stop_the_run():
+    outlier = loss_outlier(SETTINGS, 10.6, (5.0, 4.0, 3.0, 2.5))
+    assert divergence(SETTINGS, 0, OUTLIER_PATIENCE - 1, outlier) is None  # one hard batch does not stop a run
+    assert "checks in a row" in divergence(SETTINGS, 0, OUTLIER_PATIENCE, outlier)
 
 
 def test_only_finite_losses_enter_the_history():

@@ -73,8 +73,10 @@ def test_bad_targets_are_explained(tiny, targets, match):
 
 
 def test_bad_config_values():
-    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"LoraConfig.rank must be >= 1, got 0"):
         LoraConfig(rank=0)
+    with pytest.raises(ValueError, match=r"LoraConfig.rank_pattern\['q_proj'\] must be an integer, got 2.0 \(float\)"):
+        LoraConfig(rank_pattern={"q_proj": 2.0})
     with pytest.raises(ValueError, match="modules_to_save entry 'nope'"):
         lora_jax.init_lora({"d": {"kernel": jnp.ones((2, 2))}}, LoraConfig(targets=("d",), modules_to_save=("nope",)), jax.random.PRNGKey(0))
 

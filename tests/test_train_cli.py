@@ -151,7 +151,7 @@ def test_config_errors_exit_before_any_work(tmp_path, data_dir):
 def test_missing_column_is_reported_by_key(tmp_path, data_dir):
     config = _config(tmp_path, data_dir, "badcol")
     out = subprocess.run(_cmd(config, "--set", "data.target_column=summary"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "data.target_column: the dataset has no column 'summary'" in out.stderr
+    assert out.returncode == 2 and f"data.target_column: data file {data_dir / 'train.jsonl'} has no column 'summary'" in out.stderr
 
 
 def test_resume_with_another_config_is_refused_unless_asked_for(tmp_path, data_dir, uninterrupted):

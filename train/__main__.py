@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         # bad data, checkpoint, adapter, a busy output dir or a diverged run: say what, not where
         if os.environ.get("LORA_JAX_TRACEBACK"):
             raise
-        print(f"error: {e}\n(set LORA_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        print(f"error: {e} (set LORA_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 3 if isinstance(e, TrainingDivergedError) else 2
     print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "eval_loss",
                                                   "rouge_before", "rouge_after", "trainable_params", "saved")}, default=float))

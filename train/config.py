@@ -1,8 +1,9 @@
 """Run configuration: nested frozen dataclasses read from YAML, with `--set a.b=value` overrides.
 
 The `lora`, `mesh` and `eval` sections are derived from the library's own configs (LoraConfig, MeshConfig,
-GenerationConfig): their fields, types and defaults are declared once, there. Every error names the offending key and
-is raised before anything is loaded or compiled."""
+GenerationConfig): their fields, types, ranges and defaults are declared once, there. Every numeric field declares its
+valid range in its type (`Annotated[float, Gt(0)]`, see lora_jax/ranges.py), checked by `parse_section`. Every error
+names the offending key (or the config file) and is raised before anything is loaded or compiled."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ import difflib
 import glob
 import types
 import typing
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.bart import REMAT_POLICIES
+from lora_jax.ranges import Ge, Gt, Interval, range_violation, split_annotated
 from lora_jax.sharding import MeshConfig
+
+Positive = Annotated[int, Ge(1)]  # counts, sizes and intervals: 0 would divide by zero or do nothing
+Fraction = Annotated[float, Interval(ge=0, le=1)]
 
 
 class ConfigError(ValueError):
@@ -35,7 +40,11 @@ class ModelSection:
 
 
 def _yaml_hint(hint: Any) -> Any:
-    """The type a YAML value for a field typed `hint` arrives as: a tuple of pairs as a mapping, a tuple as a list."""
+    """The type a YAML value for a field typed `hint` arrives as: a tuple of pairs as a mapping, a tuple as a list;
+    a declared range (Annotated) is kept."""
+    base, constraints = split_annotated(hint)
+    if constraints:
+        return Annotated[(_yaml_hint(base), *constraints)]
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
         return dict if args and typing.get_origin(args[0]) is tuple else list | tuple
@@ -45,8 +54,9 @@ def _yaml_hint(hint: Any) -> Any:
 def derived_section(name: str, source: type, *, names: typing.Iterable[str] | None = None,
                     defaults: Mapping[str, Any] | None = None, extra: typing.Sequence[tuple] = ()) -> type:
     """A frozen dataclass `name` with the fields of dataclass `source` (or those in `names`), their types as YAML
-    writes them and their defaults (or `defaults`' values), followed by the `extra` (name, type, default) fields."""
-    hints, defaults = typing.get_type_hints(source), dict(defaults or {})
+    writes them, their ranges and their defaults (or `defaults`' values), followed by the `extra` (name, type,
+    default) fields."""
+    hints, defaults = typing.get_type_hints(source, include_extras=True), dict(defaults or {})
     fields = []
     for f in dataclasses.fields(source):
         if names is None or f.name in names:
@@ -59,7 +69,7 @@ def derived_section(name: str, source: type, *, names: typing.Iterable[str] | No
 # `lora`: every LoraConfig field, plus what the run does with it.
 LoraSection = derived_section("LoraSection", LoraConfig, extra=[
     ("mode", Literal["lora", "full"], "lora"),  # "full": fine-tune every parameter, the LoraConfig fields unused
-    ("loraplus_lr_ratio", float | None, None),  # LoRA+: the B matrices' learning rate is this times the others'
+    ("loraplus_lr_ratio", Annotated[float | None, Gt(0)], None),  # LoRA+: the B matrices' learning rate is this times the others'
 ])
 
 
@@ -75,48 +85,50 @@ class DataSection:
     test_split: str = "test"
     source_column: str = "source"
     target_column: str = "target"
-    max_source_length: int = 512
-    max_target_length: int = 128
+    max_source_length: Positive = 512
+    max_target_length: Positive = 128
     padding: Literal["bucket", "fixed"] = "bucket"
     objective: Literal["summarization", "denoising"] = "summarization"
     # denoising only (BART text infilling, lora_jax.data.denoising):
-    mask_ratio: float = 0.3  # share of each text's tokens replaced by <mask> spans
-    clean_fraction: float = 0.0  # share of examples left un-noised: they teach the model to copy its input
-    join_rows: int = 1  # an example joins 1..join_rows consecutive rows with newlines (multi-paragraph texts)
-    max_eval_examples: int | None = None
-    num_proc: int | None = None
+    mask_ratio: Fraction = 0.3  # share of each text's tokens replaced by <mask> spans
+    clean_fraction: Fraction = 0.0  # share of examples left un-noised: they teach the model to copy its input
+    join_rows: Positive = 1  # an example joins 1..join_rows consecutive rows with newlines (multi-paragraph texts)
+    max_eval_examples: Annotated[int | None, Ge(1)] = None  # None: all
+    num_proc: Annotated[int | None, Ge(1)] = None  # datasets' worker processes; None: none
+    cast_to_string: bool = False  # train on str(value) of non-text source/target values (default: refuse them)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
+    learning_rate: Annotated[float, Gt(0)] = 1e-3
+    warmup_steps: Annotated[int, Ge(0)] = 0  # may exceed num_steps (the rate then never reaches its peak)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    grad_accum_steps: int = 1
-    label_smoothing: float = 0.0
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    b1: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    b2: Annotated[float, Interval(ge=0, lt=1)] = 0.999
+    eps: Annotated[float, Gt(0)] = 1e-8
+    max_grad_norm: Annotated[float | None, Gt(0)] = 1.0  # None: no clipping
+    grad_accum_steps: Positive = 1
+    label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    num_steps: int = 1000
-    eval_every: int = 500
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
+    batch_size: Positive = 8
+    eval_batch_size: Positive = 16
+    num_steps: Positive = 1000
+    eval_every: Positive = 500
+    save_every: Positive = 500
+    keep_checkpoints: Positive = 2
+    log_every: Positive = 10
+    # numpy's generators (data order, noise) refuse negative seeds, and jax's PRNGKey(seed + 1) needs a C long
+    seed: Annotated[int, Interval(ge=0, lt=2**32)] = 0
     output_dir: str = "runs/default"
     # Divergence guard (train/guard.py): a step whose loss or gradient norm is not finite is skipped (not applied);
     # this many skipped steps in a row stop the run.
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: Positive = 10
     # Stop when a logged train loss exceeds this multiple of the median of the earlier logged losses (null: off).
-    divergence_factor: float | None = 3.0
+    divergence_factor: Annotated[float | None, Gt(1)] = 3.0
 
 
 # `eval`: the beam-search settings of ROUGE evaluation (GenerationConfig fields, on top of the checkpoint's own
@@ -124,9 +136,9 @@ class TrainSection:
 EVAL_GENERATION_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
 EvalSection = derived_section("EvalSection", GenerationConfig, names=EVAL_GENERATION_FIELDS,
                               defaults={"num_beams": 4, "max_new_tokens": 64}, extra=[
-    ("num_samples", int, 3),  # sample summaries printed and written to samples.txt
+    ("num_samples", Annotated[int, Ge(0)], 3),  # sample summaries printed and written to samples.txt
     ("rouge_before", bool, True),  # also score the model before training
-    ("max_examples", int | None, 200),  # rows of the eval split scored with ROUGE (None: all)
+    ("max_examples", Annotated[int | None, Ge(1)], 200),  # rows of the eval split scored with ROUGE (None: all)
 ])
 
 
@@ -170,10 +182,11 @@ def _describe(hint: Any) -> str:
 
 def parse_section(cls, values: Mapping[str, Any], prefix: str):
     """An instance of section dataclass `cls` from a YAML mapping, every key and type checked (sections nest);
-    `prefix` is the dotted path of `values`, for error messages. Checks beyond types are `validate`'s."""
+    `prefix` is the dotted path of `values`, for error messages. Numbers must lie in the range their field declares
+    (and floats must be finite); checks across keys are `validate`'s."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -182,12 +195,14 @@ def parse_section(cls, values: Mapping[str, Any], prefix: str):
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
             raise ConfigError(f"unknown config key '{where}'{hint}")
-        hint = hints[key]
+        hint = split_annotated(hints[key])[0]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = parse_section(hint, value or {}, f"{where}.")
             continue
         if not _type_ok(value, hint):
             raise ConfigError(f"config key '{where}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+        if problem := range_violation(value, hints[key]):
+            raise ConfigError(f"config key '{where}' {problem}")
         kwargs[key] = float(value) if hint is float or (hint == (float | None) and isinstance(value, int)) else value
     return cls(**kwargs)
 
@@ -224,31 +239,17 @@ def _fix_numbers(tree: Any) -> Any:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Checks that need more than types: ranks, lengths, files, and the LoraConfig itself."""
+    """Checks across keys, and those of things other than numbers (the ranges were checked by `parse_section`):
+    the LoraConfig itself (patterns, targets), divisibility, remat, model and data sources, files."""
     if cfg.lora.mode == "lora":
         try:
             to_lora_config(cfg)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"lora: {e}") from None
-    positive = {
-        "train.batch_size": cfg.train.batch_size, "train.eval_batch_size": cfg.train.eval_batch_size,
-        "train.num_steps": cfg.train.num_steps, "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
-        "data.max_source_length": cfg.data.max_source_length, "data.max_target_length": cfg.data.max_target_length,
-        "eval.num_beams": cfg.eval.num_beams, "eval.max_new_tokens": cfg.eval.max_new_tokens,
-        "data.join_rows": cfg.data.join_rows,
-    }
-    for key, value in positive.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if cfg.train.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by optim.grad_accum_steps ({cfg.optim.grad_accum_steps})"
         )
-    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
-        raise ConfigError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
-    for key, value, high in (("data.mask_ratio", cfg.data.mask_ratio, 1.0), ("data.clean_fraction", cfg.data.clean_fraction, 1.0)):
-        if not 0.0 <= value <= high:
-            raise ConfigError(f"config key '{key}' must be in [0, {high:g}], got {value}")
     if cfg.model.remat is not None and cfg.model.remat not in REMAT_POLICIES:
         raise ConfigError(f"config key 'model.remat' must be null or one of {sorted(REMAT_POLICIES)}, got {cfg.model.remat!r}")
     if cfg.model.checkpoint is None and cfg.model.init_config is None:
@@ -265,15 +266,42 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line 3, column 7: mapping values are not allowed here' from a YAML error (one line)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping a YAML config file holds ({} for an empty file); ConfigError naming the file when it cannot be read,
+    is not UTF-8 text, is not valid YAML or does not hold a mapping of sections."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        tree = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory; pass a YAML file such as configs/demo.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                          "a config is a YAML text file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, data:, ...), "
+                          f"got a {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> RunConfig:
     """RunConfig from a YAML file plus `section.key=value` overrides, validated."""
-    tree: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                tree = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
+    tree = read_config_file(path) if path is not None else {}
     tree = _fix_numbers(tree)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))

@@ -72,10 +72,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # force: importing orbax installs a root handler
     try:
         cfg = load_config(args.config, args.set)
+        run = build(cfg, for_training=False, adapter_dir=args.adapter)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run = build(cfg, for_training=False, adapter_dir=args.adapter)
+    except (ValueError, OSError) as e:  # bad data, checkpoint or adapter: say what (as python -m train does)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.split not in run.splits:
         print(f"the config names no {args.split} data (data.{args.split}_files / data.{args.split}_split)", file=sys.stderr)
         return 2

@@ -6,8 +6,8 @@ state stay as they were, and the optimizer state counts skipped steps (in a row,
 
 On the host, only where the loop already reads metrics (each log step, and before each save): `check` reads those
 counters and the step's loss and says why the run must stop, if it must: `max_nonfinite_steps` skipped steps in a row,
-or a loss above `divergence_factor` times the median of the earlier logged losses (and at least `MIN_RISE` above it,
-so that near-zero losses do not trip it).
+or OUTLIER_PATIENCE checks in a row whose loss is above `divergence_factor` times the median of the earlier good
+losses (and at least `MIN_RISE` above it, so that near-zero losses do not trip it). Outliers stay out of the median.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ NEVER_GIVE_UP = 2**30
 MEDIAN_WINDOW = 20  # logged losses the running median is taken over
 MIN_HISTORY = 2  # logged losses needed before the loss rule applies
 MIN_RISE = 1.0  # nats: a loss must also be this much above the median to count as diverging
+# A single hard batch can spike the loss of a healthy run; a diverged run stays high. Checks in a row needed:
+OUTLIER_PATIENCE = 3
 
 
 class TrainingDivergedError(RuntimeError):
@@ -53,17 +55,25 @@ class GuardSettings:
     divergence_factor: float | None
 
 
-def divergence(settings: GuardSettings, loss: float, history: tuple[float, ...], skipped_in_a_row: int) -> str | None:
-    """Why the run must stop (None: it may go on). history: the earlier logged finite losses, oldest first."""
-    if skipped_in_a_row >= settings.max_nonfinite_steps:
-        return (f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm and were skipped "
-                f"(train.max_nonfinite_steps = {settings.max_nonfinite_steps})")
+def loss_outlier(settings: GuardSettings, loss: float, history: tuple[float, ...]) -> str | None:
+    """Why `loss` looks diverged against the earlier good losses in `history` (oldest first), or None."""
     if settings.divergence_factor is None or len(history) < MIN_HISTORY or not math.isfinite(loss):
         return None
     median = statistics.median(history[-MEDIAN_WINDOW:])
     if loss > settings.divergence_factor * median and loss > median + MIN_RISE:
         return (f"the loss {loss:.4g} is above {settings.divergence_factor:g} x the median {median:.4g} of the last "
-                f"{len(history[-MEDIAN_WINDOW:])} logged losses (train.divergence_factor)")
+                f"{len(history[-MEDIAN_WINDOW:])} good logged losses (train.divergence_factor)")
+    return None
+
+
+def divergence(settings: GuardSettings, skipped_in_a_row: int, outliers_in_a_row: int, outlier: str | None) -> str | None:
+    """Why the run must stop (None: it may go on): `max_nonfinite_steps` skipped steps in a row, or OUTLIER_PATIENCE
+    checks in a row whose loss was an outlier (`outlier` describes the latest)."""
+    if skipped_in_a_row >= settings.max_nonfinite_steps:
+        return (f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm and were skipped "
+                f"(train.max_nonfinite_steps = {settings.max_nonfinite_steps})")
+    if outlier is not None and outliers_in_a_row >= OUTLIER_PATIENCE:
+        return f"{outlier}, at {outliers_in_a_row} checks in a row"
     return None
 
 

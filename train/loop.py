@@ -33,7 +33,8 @@ from lora_jax.training.step import StepFn
 from train import evaluate
 from train.build import Run, build, make_optimizer
 from train.config import RunConfig, config_to_dict
-from train.guard import GuardSettings, TrainingDivergedError, all_finite, divergence, remember, skipped_counts
+from train.guard import (OUTLIER_PATIENCE, GuardSettings, TrainingDivergedError, all_finite, divergence, loss_outlier,
+                         remember, skipped_counts)
 from train.lock import OutputDirLock
 from train.metrics_log import MetricsLog, plot_loss_curve
 from train.resume import describe_changes, fingerprint_changes, mismatch_error, run_fingerprint
@@ -68,6 +69,7 @@ class LoopState:
     losses_seen: tuple = ()  # recent losses read by the divergence guard (train.guard)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in total
     verified_step: int = 0  # the last step whose loss the divergence guard checked and found good
+    outliers_in_a_row: int = 0  # consecutive guard checks whose loss was an outlier (train.guard)
     stopped_early: bool = False  # SIGTERM or a preemption notice stopped the run
 
     @property
@@ -211,14 +213,20 @@ def guard_check(m: Machinery, loop: LoopState, metrics: dict, step: int, saving:
     in_a_row, total = skipped_counts(loop.state.opt_state)
     if total > loop.skipped_steps:
         log.warning("step %d: %d step(s) skipped so far for a non-finite loss or gradient norm", step, total)
-    reason = divergence(m.guard, loss, loop.losses_seen, in_a_row)
+    outlier = loss_outlier(m.guard, loss, loop.losses_seen)
+    outliers = loop.outliers_in_a_row + 1 if outlier else 0
+    if outlier:
+        log.warning("step %d: %s (%d of %d checks in a row before the run stops)", step, outlier, outliers, OUTLIER_PATIENCE)
+    reason = divergence(m.guard, in_a_row, outliers, outlier)
     if reason is None and saving and not all_finite(loop.state.trainable):
         reason = "the trainable parameters are no longer finite"
     if reason is not None:
         stop_diverged(m, loop, step, reason)
-    # A non-finite loss vouches for nothing: the parameters it was computed from may be the first bad ones.
-    verified = step if math.isfinite(loss) else loop.verified_step
-    return dataclasses.replace(loop, losses_seen=remember(loop.losses_seen, loss), skipped_steps=total, verified_step=verified)
+    # A non-finite or outlying loss vouches for nothing: the parameters it was computed from may be the first bad ones.
+    good = math.isfinite(loss) and outlier is None
+    return dataclasses.replace(loop, losses_seen=remember(loop.losses_seen, loss) if good else loop.losses_seen,
+                               skipped_steps=total, outliers_in_a_row=outliers,
+                               verified_step=step if good else loop.verified_step)
 
 
 def stop_diverged(m: Machinery, loop: LoopState, step: int, reason: str) -> None:

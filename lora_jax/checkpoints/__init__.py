@@ -7,7 +7,13 @@ merged.py   adapters folded into the base, written as a plain Hugging Face check
 files.py    atomic file writes and directory sizes, shared by the writers above
 """
 
-from lora_jax.checkpoints.adapter import AdapterMismatchError, check_adapter_fits, load_adapter, save_adapter
+from lora_jax.checkpoints.adapter import (
+    AdapterDamagedError,
+    AdapterMismatchError,
+    check_adapter_fits,
+    load_adapter,
+    save_adapter,
+)
 from lora_jax.checkpoints.hf import (
     CheckpointMismatchError,
     load_pretrained,

@@ -2,7 +2,12 @@
 
 Layout of an adapter directory:
     params/            Orbax StandardCheckpointer tree of the adapter leaves (nested like the params)
-    adapter_meta.json  {"format", "lora_config", "base_model", "base_fingerprint", "leaves": {path: shape}}
+    adapter_meta.json  {"format", "lora_config", "base_model", "base_fingerprint", "leaves": {path: shape},
+                        "files": {path under params/: {"bytes", "sha256"}}}
+
+Loading checks the files against their recorded sizes and digests before Orbax reads them, so a truncated or
+bit-flipped adapter is reported as damaged (naming the file) instead of loading wrong numbers or failing deep in
+TensorStore. Adapters saved before digests were recorded are read by Orbax directly.
 
 Saving writes everything into a temporary sibling directory and renames it into place at the end, so a crash never
 leaves a directory that loads as a valid adapter, and an existing adapter is replaced only by a complete new one.
@@ -22,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax.checkpoints import orbax_reads
+from lora_jax.checkpoints.files import damaged_files, file_digests
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_MAGNITUDE, adapter_params, split_trainable
 from lora_jax.tree import flatten_paths, unflatten_tree
@@ -32,6 +39,10 @@ FORMAT = "lora_jax.adapter/1"
 
 class AdapterMismatchError(ValueError):
     """An adapter whose leaves do not fit the base parameters it is loaded onto."""
+
+
+class AdapterDamagedError(ValueError):
+    """An adapter directory whose metadata or leaf files are unreadable or differ from what was saved."""
 
 
 def base_fingerprint(base_params: Mapping) -> dict:
@@ -79,6 +90,7 @@ def save_adapter(
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.join(tmp, "params"), adapter)
         ckpt.wait_until_finished()
+        meta["files"] = file_digests(os.path.join(tmp, "params"))
         with open(os.path.join(tmp, META), "w") as f:  # written last: its presence marks a complete adapter
             json.dump(meta, f, indent=2)
             f.flush()
@@ -127,27 +139,56 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
         )
 
 
-def load_adapter(directory: str, base_params: Mapping | None = None) -> tuple[dict, LoraConfig, dict]:
-    """-> (adapter tree of numpy arrays, LoraConfig, metadata). With base_params, checks shapes (error) and the
-    fingerprint (warning)."""
+def _read_meta(directory: str) -> dict:
+    """adapter_meta.json of `directory`, checked to be a JSON object of this format; errors name the file."""
     meta_path = os.path.join(directory, META)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(
             f"{directory} is not a complete lora_jax adapter (no {META}); it may be a partial save or another format "
             "(for a PEFT adapter use lora_jax.import_peft)"
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory}: unknown adapter format {meta.get('format')!r} (expected {FORMAT!r})")
-    config = LoraConfig.from_dict(meta["lora_config"])
-    target = unflatten_tree(
-        {tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in meta["leaves"].items()}
-    )
     try:
-        restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"), target)
-    except Exception as e:  # orbax raises many types for damaged files
-        raise ValueError(f"adapter at {directory} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise AdapterDamagedError(f"{meta_path} is not valid JSON ({where}): the adapter's metadata is damaged; "
+                                  "save or export the adapter again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_path}: unknown adapter format {found!r} (expected {FORMAT!r})")
+    return meta
+
+
+def _config_and_target(meta: dict, meta_path: str) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, tree of ShapeDtypeStructs to restore into) from the metadata; errors name the file."""
+    try:
+        config = LoraConfig.from_dict(meta["lora_config"])
+        leaves = {tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"]))
+                  for k, v in meta["leaves"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AdapterDamagedError(f"{meta_path} is damaged or incomplete ({type(e).__name__}: {e}); "
+                                  "save or export the adapter again") from None
+    return config, unflatten_tree(leaves)
+
+
+def load_adapter(directory: str, base_params: Mapping | None = None) -> tuple[dict, LoraConfig, dict]:
+    """-> (adapter tree of numpy arrays, LoraConfig, metadata). With base_params, checks shapes (error) and the
+    fingerprint (warning). A damaged adapter (metadata, truncated or altered leaf files) raises AdapterDamagedError
+    naming the file."""
+    meta = _read_meta(directory)
+    config, target = _config_and_target(meta, os.path.join(directory, META))
+    params_dir = os.path.join(os.path.abspath(directory), "params")
+    problems = damaged_files(params_dir, meta.get("files", {}))
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise AdapterDamagedError(f"adapter at {directory} is damaged: params/{'; params/'.join(problems[:2])}{more}; "
+                                  "save or export the adapter again")
+    try:
+        restored = orbax_reads.restore(params_dir, target)
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise AdapterDamagedError(f"adapter at {directory} is unreadable ({type(e).__name__}: {first_line[:200]})") from e
     adapter = jax.tree_util.tree_map(np.asarray, restored)
     if base_params is not None:
         check_adapter_fits(adapter, base_params)

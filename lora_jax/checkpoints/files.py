@@ -1,7 +1,9 @@
-"""File helpers shared by every checkpoint writer: atomic single-file writes and directory sizes."""
+"""File helpers shared by every checkpoint writer: atomic single-file writes, directory sizes, and digests of the
+files a checkpoint was saved as (to tell a damaged checkpoint from a good one before reading it)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -26,3 +28,37 @@ def atomic_write(path: str, data: bytes | str) -> None:
 def dir_bytes(path: str) -> int:
     """Bytes of every file below `path` (the size of a checkpoint on disk)."""
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(directory: str) -> dict[str, dict]:
+    """{path relative to `directory`: {"bytes": size, "sha256": hex digest}} of every file below it, to store beside a
+    checkpoint and check with `damaged_files` before reading it back."""
+    out = {}
+    for d, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(d, f)
+            out[os.path.relpath(path, directory)] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return dict(sorted(out.items()))
+
+
+def damaged_files(directory: str, digests: dict[str, dict]) -> list[str]:
+    """What differs below `directory` from `digests` (file_digests' output at save time): missing files, files of
+    another size (truncated), files of other bytes (bit flips); [] when every recorded file is intact."""
+    problems = []
+    for rel, want in digests.items():
+        path = os.path.join(directory, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{rel} is missing")
+        elif (size := os.path.getsize(path)) != want["bytes"]:
+            problems.append(f"{rel} has {size} bytes, {want['bytes']} were saved")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{rel} holds other bytes than were saved (sha256 differs)")
+    return problems

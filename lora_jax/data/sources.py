@@ -1,7 +1,10 @@
-"""Loading splits (hub dataset or local files) and tokenizing them with `datasets` (which caches the result)."""
+"""Loading splits (hub dataset or local files) and tokenizing them with `datasets` (which caches the result).
+
+Local files are checked and loaded one by one (lora_jax/data/checks.py), so an error names the file and the row."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -9,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax.data.checks import DataError, check_file, json_problem, text_columns
 from lora_jax.data.denoising import text_infilling
 
 log = logging.getLogger(__name__)
@@ -22,39 +26,100 @@ def _builder(pattern: str) -> str:
         raise FileNotFoundError(f"no file matches {pattern!r}")
     exts = {os.path.splitext(f)[1].lower() for f in files}
     if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-        raise ValueError(f"{pattern!r}: expected files of one type among {sorted(_BUILDERS)}, got {sorted(exts)}")
+        raise DataError(f"{pattern!r}: expected files of one type among {sorted(_BUILDERS)}, got {sorted(exts)}")
     return _BUILDERS[exts.pop()]
 
 
+def text_column_keys(data_cfg) -> dict[str, str]:
+    """{config key: column name} of the columns a run reads: the source, and the target unless denoising."""
+    columns = {"data.source_column": data_cfg.source_column}
+    if data_cfg.objective != "denoising":
+        columns["data.target_column"] = data_cfg.target_column
+    return columns
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Only CRITICAL records from `logger_name` and its children inside the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_file(builder: str, path: str):
+    """One local file as a Dataset; DataError naming the file (and the line, for JSON) when `datasets` cannot read it."""
+    import datasets
+
+    csv_shape = check_file(path)
+    # A CSV holds text: read every column as text, so "007" stays "007" instead of pandas' guess, the int 7.
+    features = datasets.Features({c: datasets.Value("string") for c in csv_shape[1]}) if csv_shape else None
+    try:
+        with _quiet("datasets"):  # datasets logs the error it raises; the one we raise says more
+            dataset = datasets.load_dataset(builder, data_files=[path], split="train", features=features)
+    except Exception as e:  # datasets and pyarrow raise many types (DatasetGenerationError, ArrowInvalid, ...)
+        cause = e.__cause__ or e
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        detail = (json_problem(path) if builder == "json" else None) or f"{type(cause).__name__}: {first_line}"
+        raise DataError(f"data file {path} cannot be read as {builder}: {detail}") from e
+    if len(dataset) == 0:
+        raise DataError(f"data file {path} has no rows: remove it from the data files or fill it")
+    if csv_shape and csv_shape[0] != len(dataset):
+        raise DataError(f"data file {path}: pandas reads {len(dataset)} rows where Python's csv module reads "
+                        f"{csv_shape[0]}; check its quoting and line breaks")
+    return dataset
+
+
+def _local_split(data_cfg, pattern: str):
+    """The files matching `pattern`, each checked (columns and values too), then concatenated."""
+    import datasets
+
+    builder, columns = _builder(pattern), text_column_keys(data_cfg)
+    parts = []
+    for path in sorted(glob.glob(pattern)):
+        dataset = _read_file(builder, path)
+        check_columns(dataset, columns, where=f"data file {path}")
+        dataset = text_columns(dataset, columns, where=f"data file {path}", cast_to_string=data_cfg.cast_to_string)
+        parts.append(dataset.select_columns(sorted(set(columns.values()))))  # files may differ in other columns
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def load_splits(data_cfg) -> dict[str, Any]:
-    """{'train'|'eval'|'test': datasets.Dataset} for the splits the config names (local files or a hub dataset)."""
+    """{'train'|'eval'|'test': datasets.Dataset} for the splits the config names (local files or a hub dataset), with
+    the source/target columns checked to hold text (see `text_columns`; data_cfg.cast_to_string converts)."""
     import datasets
 
     out = {}
     if data_cfg.dataset is None:
         for split in SPLITS:
             pattern = getattr(data_cfg, f"{split}_files")
-            if pattern is None:
-                continue
-            files = sorted(glob.glob(pattern))
-            out[split] = datasets.load_dataset(_builder(pattern), data_files=files, split="train")
+            if pattern is not None:
+                out[split] = _local_split(data_cfg, pattern)
         return out
+    columns = text_column_keys(data_cfg)
     for split in SPLITS:
         name = getattr(data_cfg, f"{split}_split")
         try:
-            out[split] = datasets.load_dataset(data_cfg.dataset, data_cfg.dataset_config, split=name)
+            dataset = datasets.load_dataset(data_cfg.dataset, data_cfg.dataset_config, split=name)
         except ValueError:  # datasets raises ValueError for a split the dataset does not have
             if split == "train":
                 raise
             log.warning("dataset %s has no split %r: no %s data", data_cfg.dataset, name, split)
+            continue
+        where = f"dataset {data_cfg.dataset} split {name!r}"
+        check_columns(dataset, columns, where=where)
+        out[split] = text_columns(dataset, columns, where=where, cast_to_string=data_cfg.cast_to_string)
     return out
 
 
-def check_columns(dataset, columns: dict[str, str]) -> None:
+def check_columns(dataset, columns: dict[str, str], where: str = "the dataset") -> None:
     """columns: {config key: column name}; raises naming the key, the column and the columns that exist."""
     for key, column in columns.items():
         if column not in dataset.column_names:
-            raise ValueError(f"{key}: the dataset has no column {column!r}; its columns are {dataset.column_names}")
+            raise DataError(f"{key}: {where} has no column {column!r}; its columns are {dataset.column_names}")
 
 
 def _join_rows(dataset, column: str, join_rows: int, seed: int, num_proc: int | None):
@@ -82,16 +147,20 @@ def tokenize(dataset, tokenizer, data_cfg, *, seed: int = 0, num_proc: int | Non
     denoise = data_cfg.objective == "denoising"
     src_col = data_cfg.source_column
     tgt_col = src_col if denoise else data_cfg.target_column
-    check_columns(dataset, {"data.source_column": src_col, "data.target_column" if not denoise else "data.source_column": tgt_col})
+    columns = text_column_keys(data_cfg)
+    check_columns(dataset, columns)
+    dataset = text_columns(dataset, columns, where="the dataset", cast_to_string=getattr(data_cfg, "cast_to_string", False))
     before = len(dataset)
 
-    def non_empty(batch):
-        return [bool(s and str(s).strip()) and bool(t and str(t).strip()) for s, t in zip(batch[src_col], batch[tgt_col])]
+    def non_empty(batch):  # a null (None) value is an empty one
+        return [bool(s and s.strip()) and bool(t and t.strip()) for s, t in zip(batch[src_col], batch[tgt_col])]
 
     dataset = dataset.filter(non_empty, batched=True, num_proc=num_proc)
     dropped = before - len(dataset)
     if dropped:
-        log.warning("dropped %d of %d rows with an empty %s or %s", dropped, before, src_col, tgt_col)
+        log.warning("dropped %d of %d rows with an empty or null %s or %s", dropped, before, src_col, tgt_col)
+    if not len(dataset):
+        raise DataError(f"every one of the {before} rows has an empty or null {src_col} or {tgt_col}: no data is left")
     if denoise and data_cfg.join_rows > 1:
         dataset = _join_rows(dataset, src_col, data_cfg.join_rows, seed, num_proc)
     mask_id = tokenizer.mask_token_id

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from lora_jax.ranges import Ge, check_fields
+
+TokenId = Annotated[int, Ge(0)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,18 +20,21 @@ class GenerationConfig:
     When max_new_tokens is set it wins over max_length (max_length = max_new_tokens + 1), as in transformers.
     The special-token defaults are BART's; `load_generation_config` / `config_from_model` fill in the model's."""
 
-    num_beams: int = 1
-    max_new_tokens: int | None = None
-    max_length: int = 20
-    min_length: int = 0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    num_beams: Annotated[int, Ge(1)] = 1
+    max_new_tokens: Annotated[int | None, Ge(1)] = None
+    max_length: Annotated[int, Ge(1)] = 20
+    min_length: Annotated[int, Ge(0)] = 0
+    length_penalty: float = 1.0  # any finite value (negative favours short beams)
+    no_repeat_ngram_size: Annotated[int, Ge(0)] = 0
     early_stopping: bool | str = False
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | None = None
-    decoder_start_token_id: int = 2
-    eos_token_id: int = 2
-    pad_token_id: int = 1
+    forced_bos_token_id: Annotated[int | None, Ge(0)] = None
+    forced_eos_token_id: Annotated[int | None, Ge(0)] = None
+    decoder_start_token_id: TokenId = 2
+    eos_token_id: TokenId = 2
+    pad_token_id: TokenId = 1
+
+    def __post_init__(self):
+        check_fields(self, "GenerationConfig")  # declared ranges, and finite floats
 
     @property
     def total_length(self) -> int:
@@ -62,17 +69,11 @@ class GenerationConfig:
         return cls(**fields)
 
     def validate(self) -> None:
-        """Raises ValueError naming the bad setting."""
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            raise ValueError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        """Raises ValueError naming the bad setting (the numeric ranges were checked on construction)."""
         if self.total_length < 2:
             raise ValueError(f"max_length={self.max_length} leaves no room to generate; set max_new_tokens >= 1")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if self.no_repeat_ngram_size < 0 or self.min_length < 0:
-            raise ValueError("no_repeat_ngram_size and min_length must be >= 0")
 
 
 def _read_json(path: str) -> dict[str, Any]:

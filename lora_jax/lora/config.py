@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from lora_jax.ranges import Ge, Gt, Interval, check_fields, range_violation
 
 INIT_CHOICES = ("gaussian", "kaiming_uniform", "pissa", "pissa_niter_<K>", "olora")
 # Initialisations that take the adapter from W's own decomposition and leave a residual base (residual_init.py).
 RESIDUAL_INITS = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
+Rank = Annotated[int, Ge(1)]
+Alpha = Annotated[float, Gt(0)]  # alpha <= 0 would scale the update to nothing or flip its sign
 
 
 def _as_pairs(value: Any, name: str) -> tuple[tuple[str, Any], ...]:
@@ -58,10 +62,10 @@ class LoraConfig:
       column of W + scale*A@B to that norm (lora_jax.lora.dora).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
+    rank: Rank = 8
+    alpha: Alpha = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
-    dropout: float = 0.0
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     use_rslora: bool = False
@@ -78,15 +82,15 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
-        for pattern, r in self.rank_pattern:
-            if not isinstance(r, int) or r < 1:
-                raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}] must be an integer >= 1, got {r!r}")
+        """Raises ValueError naming the field: ranges as declared on the fields (rank >= 1, alpha > 0, dropout in
+        [0, 1)), the same for the values of rank_pattern / alpha_pattern, and well-formed patterns."""
+        check_fields(self, "LoraConfig")
+        for name, hint, pairs in (("rank_pattern", Rank, self.rank_pattern), ("alpha_pattern", Alpha, self.alpha_pattern)):
+            for pattern, value in pairs:
+                if problem := range_violation(value, hint, check_type=True):
+                    raise ValueError(f"LoraConfig.{name}[{pattern!r}] {problem}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one module, e.g. ('q_proj', 'v_proj')")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INIT_CHOICES[:2] and not RESIDUAL_INITS.fullmatch(str(self.init)):
             raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES} (K >= 1), got {self.init!r}")
         if self.use_dora and self.residual_init:
