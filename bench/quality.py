@@ -28,16 +28,22 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o
 RANKS = (1, 2, 4, 8, 16)
 LORA_LRS = (1e-3, 3e-3, 1e-2)
 FULL_LRS = (3e-4, 1e-3, 3e-3)
+PISSA_LRS = (1e-4, 3e-4, 1e-3)  # PiSSA trains W's principal part: it wants smaller steps (its paper: 2e-5 at 7B)
+# The LoRA variants (issue "Beyond plain LoRA"), on every attention projection at r=16: extra run-config overrides.
+VARIANTS = {"dora_r16_attn": (["lora.use_dora=true"], LORA_LRS), "pissa_r16_attn": (["lora.init=pissa"], PISSA_LRS),
+            "olora_r16_attn": (["lora.init=olora"], PISSA_LRS)}
 MAIN_SYSTEMS = ("full", "lora_r8_qv", "lora_r16_attn")  # 3 seeds each
 SEEDS = (0, 1, 2)
 
 
 def systems() -> dict[str, dict]:
-    """name -> {"mode", "rank", "targets", "lrs"} for every row of the table."""
-    out = {"full": {"mode": "full", "rank": None, "targets": None, "lrs": list(FULL_LRS)}}
+    """name -> {"mode", "rank", "targets", "lrs", "extra"} for every row of the table."""
+    out = {"full": {"mode": "full", "rank": None, "targets": None, "lrs": list(FULL_LRS), "extra": []}}
     for tname, targets in TARGETS.items():
         for r in RANKS:
-            out[f"lora_r{r}_{tname}"] = {"mode": "lora", "rank": r, "targets": targets, "lrs": list(LORA_LRS)}
+            out[f"lora_r{r}_{tname}"] = {"mode": "lora", "rank": r, "targets": targets, "lrs": list(LORA_LRS), "extra": []}
+    for name, (extra, lrs) in VARIANTS.items():
+        out[name] = {"mode": "lora", "rank": 16, "targets": TARGETS["attn"], "lrs": list(lrs), "extra": extra}
     return out
 
 
@@ -47,7 +53,7 @@ def _overrides(spec: dict, lr: float, seed: int, steps: int, out_dir: str) -> li
             f"train.eval_every={steps}", "eval.num_samples=0", "train.keep_checkpoints=1"]
     if spec["mode"] == "lora":
         sets += [f"lora.rank={spec['rank']}", f"lora.alpha={2 * spec['rank']}", f"lora.targets={json.dumps(spec['targets'])}"]
-    return sets
+    return sets + spec.get("extra", [])
 
 
 def run_one(spec: dict, lr: float, seed: int, steps: int, work: str) -> dict:
@@ -108,6 +114,8 @@ def main(argv=None) -> None:
     ap.add_argument("--systems", nargs="*", default=None, help=f"rows to run (default all): {', '.join(systems())}")
     ap.add_argument("--steps", type=int, default=None, help="train steps per run (default: the demo's)")
     ap.add_argument("--out-dir", default=REPO_ROOT, help="where QUALITY.md, the plot and quality.jsonl go")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help=f"seeds per row (default: {len(SEEDS)} for {', '.join(MAIN_SYSTEMS)}, 1 for the others)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -127,7 +135,8 @@ def main(argv=None) -> None:
     open(results, "w").close()
     started = time.time()
     for name in names:
-        spec = {**table[name], "name": name, "steps": steps, "seeds": list(SEEDS if name in MAIN_SYSTEMS else SEEDS[:1])}
+        seeds = SEEDS[:args.seeds] if args.seeds else SEEDS if name in MAIN_SYSTEMS else SEEDS[:1]
+        spec = {**table[name], "name": name, "steps": steps, "seeds": list(seeds)}
         before = sum(1 for _ in open(results))
         subprocess.run([sys.executable, "-m", "bench.quality", "--child", json.dumps(spec), "--json-out", results],
                        cwd=REPO_ROOT, check=True, stdout=sys.stderr)
@@ -136,7 +145,7 @@ def main(argv=None) -> None:
                 print(line.strip(), flush=True)
     records = [json.loads(line) for line in open(results)]
     command = "python -m bench.quality" + ("" if args.systems is None else " --systems " + " ".join(names)) + (
-        f" --steps {args.steps}" if args.steps else "")
+        f" --steps {args.steps}" if args.steps else "") + (f" --seeds {args.seeds}" if args.seeds else "")
     write_report(records, args.out_dir, command=command, wall_s=time.time() - started)
 
 

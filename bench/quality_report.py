@@ -71,7 +71,7 @@ def findings(rows: list[dict]) -> list[str]:
                f"{best['rougeL']:.2f} ({best['rougeL'] - full['rougeL']:+.2f}) training {best['trainable_percent']:.2f}% "
                "of the parameters.")
     for targets in ("qv", "attn"):
-        series = sorted((r for r in lora if r["system"].endswith("_" + targets)), key=lambda r: r["trainable_params"])
+        series = sorted((r for r in lora if _is_lora_series(r, targets)), key=lambda r: r["trainable_params"])
         if not series:
             continue
         short = [r["system"] for r in series if r["rougeL"] < full["rougeL"] - 2.0]
@@ -83,6 +83,25 @@ def findings(rows: list[dict]) -> list[str]:
             out.append(f"On {where}, the lowest rank within 2 ROUGE-L points of full fine-tuning is r={caught['system'].split('_')[1][1:]}"
                        f" ({caught['rougeL']:.2f}, {caught['trainable_percent']:.2f}% trainable)"
                        + (f"; below it, {', '.join(short)} fall short." if short else "; every rank does."))
+    return out + variant_findings(rows, full)
+
+
+def _is_lora_series(row: dict, targets: str) -> bool:
+    return row["system"].startswith("lora_") and row["system"].endswith("_" + targets)
+
+
+def variant_findings(rows: list[dict], full: dict) -> list[str]:
+    """DoRA / PiSSA / OLoRA rows against plain LoRA of the same rank and targets and against full fine-tuning."""
+    by_name = {r["system"]: r for r in rows}
+    out = []
+    for r in rows:
+        name = r["system"]
+        if name.startswith("lora_") or name == "full":
+            continue
+        plain = by_name.get("lora_" + name.split("_", 1)[1])
+        versus = f", plain LoRA {plain['rougeL']:.2f} ({r['rougeL'] - plain['rougeL']:+.2f})" if plain else ""
+        out.append(f"{name}: test ROUGE-L {r['rougeL']:.2f} at lr {r['learning_rate']:g}{versus}, full fine-tuning "
+                   f"{full['rougeL']:.2f} ({r['rougeL'] - full['rougeL']:+.2f}).")
     return out
 
 
@@ -94,12 +113,14 @@ def plot(rows: list[dict], baselines: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for targets, label, marker in (("qv", "LoRA on q,v", "o"), ("attn", "LoRA on q,k,v,out", "s")):
-        series = sorted((r for r in rows if r["system"].endswith("_" + targets)), key=lambda r: r["trainable_params"])
+        series = sorted((r for r in rows if _is_lora_series(r, targets)), key=lambda r: r["trainable_params"])
         if series:
             ax.plot([r["trainable_params"] for r in series], [r["rougeL"] for r in series], marker=marker, label=label)
             for r in series:
                 ax.annotate(f"r={r['system'].split('_')[1][1:]}", (r["trainable_params"], r["rougeL"]), fontsize=7,
                             textcoords="offset points", xytext=(3, -9))
+    for r, marker in zip([r for r in rows if not r["system"].startswith("lora_") and r["system"] != "full"], "^vDP"):
+        ax.plot([r["trainable_params"]], [r["rougeL"]], marker, ms=8, label=r["system"].replace("_", " "))
     for r in rows:
         if r["system"] == "full":
             ax.errorbar([r["trainable_params"]], [r["rougeL"]], yerr=[r["rougeL_spread"] / 2], fmt="*", ms=12,

@@ -215,3 +215,13 @@ def test_unreadable_config_files_name_the_file(tmp_path, content, message):
 def test_config_path_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError, match=rf"config file '{tmp_path}' is a directory; pass a YAML file"):
         load_config(str(tmp_path))
+
+
+def test_lora_variants_are_reachable_from_the_run_config(cfg_file):
+    cfg = load_config(cfg_file(), ["lora.use_dora=true"])
+    assert to_lora_config(cfg).use_dora
+    assert to_lora_config(load_config(cfg_file(), ["lora.init=pissa_niter_4"])).residual_init
+    with pytest.raises(ConfigError, match="lora: .*use_dora with init='olora' is not supported"):
+        load_config(cfg_file(), ["lora.use_dora=true", "lora.init=olora"])
+    with pytest.raises(ConfigError, match="lora: LoraConfig.init must be one of"):
+        load_config(cfg_file(), ["lora.init=svd"])

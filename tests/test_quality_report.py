@@ -22,13 +22,21 @@ RECORDS = [
     _record("full", 1e-3, 1, 52.0, True, 1000), _record("full", 1e-3, 2, 54.0, True, 1000),
     _record("lora_r1_qv", 1e-2, 0, 45.0, True, 10), _record("lora_r1_qv", 1e-3, 0, 30.0, False, 10),
     _record("lora_r2_qv", 1e-2, 0, 51.0, True, 20),
+    _record("lora_r16_attn", 1e-2, 0, 47.0, True, 40), _record("dora_r16_attn", 3e-3, 0, 48.5, True, 41),
 ]
 
 
 def test_every_row_of_the_paper_table_is_run():
     names = systems()
     assert "full" in names and all(f"lora_r{r}_{t}" in names for r in (1, 2, 4, 8, 16) for t in ("qv", "attn"))
+    assert {"dora_r16_attn", "pissa_r16_attn", "olora_r16_attn"} <= set(names)
+    assert names["dora_r16_attn"]["extra"] == ["lora.use_dora=true"] and names["pissa_r16_attn"]["extra"] == ["lora.init=pissa"]
     assert all(len(spec["lrs"]) == 3 for spec in names.values())
+
+
+def test_variant_rows_are_compared_with_plain_lora_and_full():
+    text = " ".join(findings(summarize(RECORDS)))
+    assert "dora_r16_attn: test ROUGE-L 48.50 at lr 0.003, plain LoRA 47.00 (+1.50), full fine-tuning 52.00 (-3.50)" in text
 
 
 def test_rows_use_the_chosen_learning_rate_and_average_seeds():

@@ -217,3 +217,24 @@ def test_run_on_a_quantised_bfloat16_base(tmp_path, data_dir):
     meta = json.loads((out_dir / "adapter" / "adapter_meta.json").read_text())
     assert {leaf["dtype"] for leaf in meta["leaves"].values()} == {"float32"}
     assert json.loads((out_dir / "config.json").read_text())["model"]["quantize"] == "nf4"
+
+
+@pytest.mark.parametrize("variant", [["--set", "lora.init=pissa"], ["--set", "lora.use_dora=true"]], ids=["pissa", "dora"])
+def test_variants_train_and_save_an_adapter_for_the_untouched_base(tmp_path, data_dir, variant):
+    import lora_jax
+
+    config = _config(tmp_path, data_dir, "variant", num_steps=6, save_every=3)
+    _run(_cmd(config, *variant))
+    summary = json.loads((tmp_path / "variant" / "summary.json").read_text())
+    assert summary["status"] == "finished" and np.isfinite(summary["last_train_metrics"]["loss"])
+    _, base = lora_jax.load_pretrained(MODEL_DIR)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the base fingerprint matches the untouched base: no warning
+        adapter, config, _ = lora_jax.load_adapter(str(tmp_path / "variant" / "adapter"), base_params=base)
+    q = adapter["model"]["encoder"]["layers"]["0"]["self_attn"]["q_proj"]
+    if "lora.init=pissa" in variant:
+        assert config.rank == 8 and config.init == "gaussian" and q["lora_a"].shape == (32, 8)  # converted: rank 2r
+    else:
+        assert config.use_dora and q["lora_magnitude"].shape == (32,)

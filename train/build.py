@@ -17,6 +17,7 @@ from lora_jax import sharding
 from lora_jax.data import load_splits, tokenize
 from lora_jax.generation import GenerationConfig, config_from_model, load_generation_config
 from lora_jax.lora import LoraConfig, LoraModel
+from lora_jax.lora.residual_init import initial_adapter
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
 from lora_jax.quantization import QuantSpec, quantize_base
@@ -43,6 +44,7 @@ class Run:
     gen: GenerationConfig  # beam-search settings of ROUGE evaluation
     pad_id: int
     start_id: int  # decoder start token
+    initial_adapter: dict | None = None  # PiSSA / OLoRA: the adapters as initialised (A0, B0), to convert at save
 
     @property
     def apply_model(self) -> BartForConditionalGeneration | LoraModel:
@@ -104,9 +106,10 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
         params = lora_jax.combine(params, adapter)
     elif lora_config is not None and for_training:
         params = lora_jax.init_lora(params, lora_config, jax.random.PRNGKey(cfg.train.seed + 1), _dtype(cfg.lora.dtype))
+    initial = initial_adapter(params) if for_training and adapter_dir is None and lora_config and lora_config.residual_init else None
     gen = generation_settings(cfg, model.config, cfg.model.checkpoint)
     return Run(cfg, model, params, tokenizer, splits, dropped, lora_config, mesh, gen,
-               model.config.pad_token_id, model.config.decoder_start_token_id)
+               model.config.pad_token_id, model.config.decoder_start_token_id, initial)
 
 
 def make_optimizer(cfg: RunConfig, lora_config: LoraConfig | None) -> tuple[optax.GradientTransformation, optax.Schedule]:

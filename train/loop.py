@@ -25,6 +25,7 @@ import lora_jax
 from lora_jax import sharding
 from lora_jax.checkpoints.files import dir_bytes
 from lora_jax.data import TrainBatches
+from lora_jax.lora.residual_init import original_base, plain_lora_on_original
 from lora_jax.models.bart import IGNORE
 from lora_jax.training import TrainCheckpointer, TrainState
 from lora_jax.training.runtime import release_host_memory
@@ -335,8 +336,12 @@ def save_result(run: Run, state: TrainState, out: str) -> dict:
     params = jax.device_get(state.params)
     if run.lora_config is not None:
         path = os.path.join(out, "adapter")
-        lora_jax.save_adapter(path, params, run.lora_config, base_model=run.cfg.model.checkpoint or "random-init",
-                              base_params=params)
+        adapter, config, base = lora_jax.adapter_params(params, run.lora_config), run.lora_config, params
+        if run.initial_adapter is not None:  # PiSSA / OLoRA trained on a residual: save a LoRA of the untouched base
+            base = original_base(params, run.initial_adapter, config)
+            adapter, config = plain_lora_on_original(adapter, run.initial_adapter, config)
+        lora_jax.save_adapter(path, adapter, config, base_model=run.cfg.model.checkpoint or "random-init",
+                              base_params=base)
     else:
         path = os.path.join(out, "model")
         lora_jax.save_pretrained(path, params, run.model.config, generation_config=run.gen,

@@ -32,7 +32,7 @@ from lora_jax.checkpoints import orbax_reads
 from lora_jax.checkpoints.files import damaged_files, file_digests
 from lora_jax.lora.config import LoraConfig
 from lora_jax.quantization import dequantize
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, adapter_params, split_trainable
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_MAGNITUDE, adapter_params, split_trainable
 from lora_jax.models.tying import LM_HEAD, SHARED, UNTIED_LEAVES
 from lora_jax.tree import flatten_paths, path_str, unflatten_tree
 
@@ -193,9 +193,12 @@ def check_adapter_fits(adapter: Mapping, base_params: Mapping) -> None:
                 problems.append(f"{key}: the base has no kernel (or embedding) at {module}{_untie_hint(module, base)}")
                 continue
             k_in, k_out = np.shape(kernel)
-            ok = shape[0] == k_in if leaf == LORA_A else shape[1] == k_out
-            if not ok:
+            if leaf == LORA_MAGNITUDE:
+                ok, want = shape == (k_out,), f"({k_out},)"
+            else:
+                ok = len(shape) == 2 and (shape[0] == k_in if leaf == LORA_A else shape[1] == k_out)
                 want = f"({k_in}, r)" if leaf == LORA_A else f"(r, {k_out})"
+            if not ok:
                 problems.append(f"{key}: adapter has shape {shape}, the base kernel {np.shape(kernel)} needs {want}")
         elif key not in base and _fits_untied_slot(key, shape, base):
             continue  # a head / token embedding of its own on a tied base: the model reads it in place of the shared one

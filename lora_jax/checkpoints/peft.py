@@ -21,13 +21,12 @@ from lora_jax.checkpoints.hf import torch_key
 from lora_jax.checkpoints.peft_weights import reconcile_config
 from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_params
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE, adapter_params
 from lora_jax.tree import flatten_tree, unflatten_tree
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "layers_to_transform": (None,),
     "layers_pattern": (None,),
     "fan_in_fan_out": (False, None),
@@ -85,7 +84,9 @@ def peft_state_dict(params_or_adapter: Mapping, config: LoraConfig) -> dict[str,
                 "(lora_jax.untie_embeddings) and adapt embed_tokens / lm_head, or export a merged model instead"
             )
         value = np.asarray(jax.device_get(value))
-        if path[-1] in ADAPTER_LEAVES:
+        if path[-1] == LORA_MAGNITUDE:  # DoRA: PEFT's name, no ".weight" in saved adapters
+            out[f"{PREFIX}{'.'.join(path[:-1])}.lora_magnitude_vector"] = np.ascontiguousarray(value)
+        elif path[-1] in ADAPTER_LEAVES:
             name = "A" if path[-1] == LORA_A else "B"
             module = path[:-1]
             if module in embeddings or (module[-1] in ("embed_tokens", "shared") and module + ("kernel",) not in flat):
@@ -127,7 +128,7 @@ def peft_config(config: LoraConfig, base_model_name_or_path: str, modules_to_sav
         "revision": None,
         "target_modules": _peft_targets(config.targets),
         "task_type": "SEQ_2_SEQ_LM",
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "use_qalora": False,
         "use_rslora": config.use_rslora,
     }
@@ -165,6 +166,11 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
             raise ValueError(f"PEFT adapter uses {key}={cfg[key]!r}, which lora_jax does not support")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"PEFT adapter trains biases (bias={cfg['bias']!r}); lora_jax supports bias='none' only")
+    if cfg.get("init_lora_weights") in ("pissa", "olora") or str(cfg.get("init_lora_weights")).startswith("pissa_niter_"):
+        raise ValueError(
+            f"this PEFT adapter was initialised with init_lora_weights={cfg['init_lora_weights']!r} and saved without "
+            "conversion: it only applies to PEFT's residual base, not to the original model. Save it again in PEFT with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>) and import that")
     targets = cfg["target_modules"]
     if isinstance(targets, str):  # PEFT full-matches a regex against dotted names
         targets = (_our_pattern(targets),)
@@ -179,6 +185,7 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
         use_rslora=bool(cfg.get("use_rslora", False)),
         modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         init="gaussian" if init == "gaussian" else "kaiming_uniform",
+        use_dora=bool(cfg.get("use_dora") or False),
     )
 
 
@@ -202,8 +209,11 @@ def _read_state(directory: str) -> dict[str, np.ndarray]:
 
 
 def _lora_leaf(parts: list[str]) -> str | None:
-    """lora_a / lora_b for a PEFT LoRA key's dotted parts (Linear: ...lora_A.weight; Embedding: ...lora_embedding_A),
-    None for a modules_to_save parameter."""
+    """lora_a / lora_b / lora_magnitude for a PEFT LoRA key's dotted parts (Linear: ...lora_A.weight; Embedding:
+    ...lora_embedding_A; DoRA: ...lora_magnitude_vector, or ...lora_magnitude_vector.weight in a model's state
+    dict), None for a modules_to_save parameter."""
+    if parts[-1] == "lora_magnitude_vector" or parts[-2:] == ["lora_magnitude_vector", "weight"]:
+        return LORA_MAGNITUDE
     if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
         return LORA_A if parts[-2] == "lora_A" else LORA_B
     if parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
@@ -218,7 +228,8 @@ def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, st
         parts = key.removeprefix(PREFIX).split(".")
         leaf = _lora_leaf(parts)
         if leaf is None and "lora_" in key:
-            raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B and lora_embedding_A/B are supported)")
+            raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B, lora_embedding_A/B and DoRA's "
+                             "lora_magnitude_vector are supported)")
         module = parts[:-2] if leaf is not None and parts[-1] == "weight" else parts[:-1]
         if tuple(module) == SHARED_MODULE:
             raise ValueError(

@@ -5,8 +5,9 @@ The adapters are not a new layer type. `LoraModel.apply` runs the wrapped module
 
     y = x @ W + b + scale * (dropout(x) @ A) @ B     (the branch in float32, added in the compute dtype)
 
-to every `nn.Dense.__call__` whose params hold `lora_a`/`lora_b` (and `embed(ids) + scale * A[ids] @ B` to an adapted
-`nn.Embed`). So any linen model built from `nn.Dense` gets LoRA
+to every `nn.Dense.__call__` whose params hold `lora_a`/`lora_b` (with `lora_magnitude` beside them, the DoRA
+output of lora_jax.lora.dora instead; and `embed(ids) + scale * A[ids] @ B` to an adapted `nn.Embed`). So any linen
+model built from `nn.Dense` gets LoRA
 with no change to its code, W + AB is never materialised, and (because the train step differentiates only the
 adapter leaves) no gradient is ever computed for a frozen kernel.
 """
@@ -20,8 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.lora import dora
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import LORA_A, LORA_B
+from lora_jax.quantization import dequantize
+from lora_jax.lora.leaves import LORA_A, LORA_B, LORA_MAGNITUDE
 
 
 def _adapter_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -65,16 +68,31 @@ def lora_interceptor(config: LoraConfig):
         a = module.get_variable("params", LORA_A)
         b = module.get_variable("params", LORA_B)
         x = args[0] if args else kwargs["inputs"]
+        x_d = x
         if config.dropout > 0.0 and module.has_rng("dropout"):
-            x = _adapter_dropout(module, x, config.dropout)
+            x_d = _adapter_dropout(module, x, config.dropout)
         scale = config.scale_for("/".join(module.path))
+        if module.has_variable("params", LORA_MAGNITUDE):
+            return _dora(module, y, x, x_d, a, b, scale)
         # Mixed precision by trainability: the side branch runs in float32 whatever the base's storage or compute
         # dtype (and the adapters' own), and is added to the base output once, in the compute dtype.
         f32 = jnp.float32
-        delta = (x.astype(f32) @ a.astype(f32)) @ b.astype(f32)
+        delta = (x_d.astype(f32) @ a.astype(f32)) @ b.astype(f32)
         return y + (scale * delta).astype(y.dtype)
 
     return intercept
+
+
+def _dora(module: nn.Dense, y: jax.Array, x: jax.Array, x_d: jax.Array, a, b, scale: float) -> jax.Array:
+    """DoRA's output for the Dense `module` whose frozen output is y (see lora_jax.lora.dora). x·W is y minus the
+    bias unless dropout changed the adapter's input, in which case x_d·W is computed (as PEFT does)."""
+    kernel = module.get_variable("params", "kernel")
+    if x_d is x:
+        base_d = y - module.get_variable("params", "bias") if module.use_bias else y
+    else:
+        compute = module.dtype or x_d.dtype
+        base_d = x_d.astype(compute) @ dequantize(kernel, compute)
+    return dora.dora_output(y, x_d, base_d, kernel, a, b, module.get_variable("params", LORA_MAGNITUDE), scale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Mapping
 
 from lora_jax.ranges import Ge, Gt, Interval, check_fields, range_violation
 
-INIT_CHOICES = ("gaussian", "kaiming_uniform")
+INIT_CHOICES = ("gaussian", "kaiming_uniform", "pissa", "pissa_niter_<K>", "olora")
+# Initialisations that take the adapter from W's own decomposition and leave a residual base (residual_init.py).
+RESIDUAL_INITS = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 Rank = Annotated[int, Ge(1)]
 Alpha = Annotated[float, Gt(0)]  # alpha <= 0 would scale the update to nothing or flip its sign
 
@@ -53,8 +55,12 @@ class LoraConfig:
     rank_pattern / alpha_pattern: per-path overrides {pattern: value}; the first matching pattern wins.
     modules_to_save: names or regexes of modules or leaves that are trained and saved in full
       (e.g. "final_logits_bias", "layernorm_embedding").
-    init: how A is initialised: "gaussian" (normal, std 1/r, the paper's choice) or "kaiming_uniform" (PEFT's default).
-      B is always zero, so an adapted model starts exactly at its base.
+    init: how the adapter starts. "gaussian" (A normal with std 1/r, the paper's choice) or "kaiming_uniform"
+      (PEFT's default), B zero: the adapted model starts exactly at its base. "pissa" (A, B from the top-r singular
+      triplets of W; "pissa_niter_K": randomized SVD with K subspace iterations) or "olora" (from a QR of W): the base
+      kernel becomes the residual W - scale*A@B, so the model still starts at the base (lora_jax.lora.residual_init).
+    use_dora: DoRA (weight-decomposed LoRA): a trained magnitude vector `lora_magnitude` (out,) rescales each output
+      column of W + scale*A@B to that norm (lora_jax.lora.dora).
     """
 
     rank: Rank = 8
@@ -66,6 +72,7 @@ class LoraConfig:
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
     init: str = "gaussian"
+    use_dora: bool = False
 
     def __post_init__(self):
         # Accept lists and dicts from callers and YAML, store tuples so the config stays hashable.
@@ -85,8 +92,11 @@ class LoraConfig:
                     raise ValueError(f"LoraConfig.{name}[{pattern!r}] {problem}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one module, e.g. ('q_proj', 'v_proj')")
-        if self.init not in INIT_CHOICES:
-            raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.init not in INIT_CHOICES[:2] and not RESIDUAL_INITS.fullmatch(str(self.init)):
+            raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES} (K >= 1), got {self.init!r}")
+        if self.use_dora and self.residual_init:
+            raise ValueError(f"LoraConfig: use_dora with init={self.init!r} is not supported (a DoRA adapter cannot be "
+                             "converted back to the original base); use one or the other")
         for pattern in self.targets + self.modules_to_save + tuple(p for p, _ in self.rank_pattern + self.alpha_pattern):
             try:
                 re.compile(pattern)
@@ -104,6 +114,11 @@ class LoraConfig:
         """alpha / r (or alpha / sqrt(r) with rsLoRA) for the module at `path`."""
         r = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def residual_init(self) -> bool:
+        """True when the adapter starts from W's decomposition and the base kernel is replaced by a residual."""
+        return RESIDUAL_INITS.fullmatch(self.init) is not None
 
     def is_target(self, path: str) -> bool:
         return any(path_matches(p, path) for p in self.targets)

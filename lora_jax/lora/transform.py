@@ -14,12 +14,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from lora_jax.lora import dora
 from lora_jax.lora.config import LoraConfig, path_matches
+from lora_jax.lora.leaves import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE
+from lora_jax.lora.residual_init import residual_adapters
 from lora_jax.quantization import dequantize
 from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
 
-LORA_A, LORA_B = "lora_a", "lora_b"
-ADAPTER_LEAVES = (LORA_A, LORA_B)
 # The weight leaves an adapter can sit beside: a Dense `kernel (in, out)` or an Embed `embedding (vocab, features)`
 # (the adapter then adds scale·A[ids]@B to the looked-up rows: A is (vocab, r), B (r, features)).
 WEIGHT_LEAVES = ("kernel", "embedding")
@@ -91,22 +92,45 @@ def _init_a(rng, shape, rank, init, dtype):
     return jax.random.uniform(rng, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
+def _check_variant_targets(flat: Mapping[Path, Any], modules: list[str], config: LoraConfig) -> None:
+    """DoRA and the residual inits need a plain (unquantised) Dense kernel under every target."""
+    if not (config.use_dora or config.residual_init):
+        return
+    variant = "use_dora" if config.use_dora else f"init={config.init!r}"
+    for module in modules:
+        kernel = flat.get(tuple(module.split("/")) + ("kernel",))
+        if kernel is None:
+            raise ValueError(f"LoraConfig {variant} adapts Dense kernels only, but target {module!r} is an embedding")
+        if config.residual_init and not isinstance(kernel, (jax.Array, np.ndarray)):
+            raise ValueError(f"LoraConfig {variant} needs a plain kernel at {module!r}, which is quantised: a residual "
+                             "init rewrites the base kernel; initialise before quantising, or use init='gaussian'")
+
+
 def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array, adapter_dtype: Any = jnp.float32) -> dict:
-    """Adds `lora_a (in, r)` and `lora_b (r, out)` (zeros) beside every targeted kernel. Other leaves are the same
-    objects as in `params`; the input tree is not modified."""
+    """Adds `lora_a (in, r)` and `lora_b (r, out)` beside every targeted kernel (B zeros; with a residual init
+    (PiSSA / OLoRA) both from W's decomposition and the kernel replaced by its residual), and with DoRA
+    `lora_magnitude (out,)` = the column norms of W + scale·A@B. The adapted model computes what the base computes.
+    Untouched leaves are the same objects as in `params`; the input tree is not modified."""
     flat = flatten_tree(params)
     if any(p[-1] in ADAPTER_LEAVES for p in flat):
         raise ValueError("params already hold LoRA adapters; merge_lora(params, config) or start from the base params")
     modules = target_modules(params, config)
     _check_modules_to_save(flat, config)
-    keys = jax.random.split(rng, max(len(modules), 1))
-    for key, module in zip(keys, modules):
-        base = tuple(module.split("/"))
-        d_in, d_out = np.shape(flat[weight_path(flat, base)])
-        r = config.rank_for(module)
-        flat[base + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
-        flat[base + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
-    return unflatten_tree(flat)
+    _check_variant_targets(flat, modules, config)
+    if config.residual_init:
+        flat = flatten_tree(residual_adapters(params, config, modules, rng))
+    else:
+        for key, module in zip(jax.random.split(rng, max(len(modules), 1)), modules):
+            base = tuple(module.split("/"))
+            d_in, d_out = np.shape(flat[weight_path(flat, base)])
+            r = config.rank_for(module)
+            flat[base + (LORA_A,)] = _init_a(key, (d_in, r), r, config.init, adapter_dtype)
+            flat[base + (LORA_B,)] = jnp.zeros((r, d_out), adapter_dtype)
+    for module in modules if config.use_dora else ():
+        path = tuple(module.split("/"))
+        flat[path + (LORA_MAGNITUDE,)] = dora.column_norms(
+            flat[path + ("kernel",)], flat[path + (LORA_A,)], flat[path + (LORA_B,)], config.scale_for(module))
+    return unflatten_tree({p: v.astype(adapter_dtype) if p[-1] in ADAPTER_LEAVES else v for p, v in flat.items()})
 
 
 def is_trainable(path: Path, config: LoraConfig | None, full_finetune: bool = False) -> bool:
@@ -139,16 +163,20 @@ def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 
 def merge_lora(params: Mapping, config: LoraConfig) -> dict:
-    """W' = W + scale·A@B for every adapted kernel, computed in float32 and cast once to the kernel's dtype; adapter
-    leaves removed, so the result has exactly the base model's tree. On a quantised base (`quantize_base`) every
-    quantised kernel is dequantised (to the dtype it had before quantisation): the result is a plain tree."""
+    """W' = W + scale·A@B for every adapted kernel (with DoRA, W' = m·(W + scale·A@B)/||W + scale·A@B||), computed in
+    float32 and cast once to the kernel's dtype; adapter leaves removed, so the result has exactly the base model's tree.
+    On a quantised base (`quantize_base`) every quantised kernel is dequantised (to the dtype it had before
+    quantisation): the result is a plain tree."""
     flat = flatten_tree(params)
     out = {p: dequantize(v) for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
     for path in [p for p in flat if p[-1] == LORA_A]:
         module = path[:-1]
         weight = weight_path(flat, module)
-        delta = _delta(flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module)))
-        out[weight] = (dequantize(flat[weight], jnp.float32) + delta).astype(flat[weight].dtype)
+        a, b, scale = flat[path], flat[module + (LORA_B,)], config.scale_for(path_str(module))
+        if module + (LORA_MAGNITUDE,) in flat:
+            out[weight] = dora.merged_kernel(flat[weight], a, b, flat[module + (LORA_MAGNITUDE,)], scale)
+        else:
+            out[weight] = (dequantize(flat[weight], jnp.float32) + _delta(a, b, scale)).astype(flat[weight].dtype)
     return unflatten_tree(out)
 
 
@@ -156,6 +184,9 @@ def unmerge_lora(merged: Mapping, adapter: Mapping, config: LoraConfig) -> dict:
     """Inverse of merge_lora: W = W' - scale·A@B, with the adapter (and modules_to_save) leaves put back."""
     flat = flatten_tree(merged)
     adapter_flat = flatten_tree(adapter)
+    if any(p[-1] == LORA_MAGNITUDE for p in adapter_flat):
+        raise ValueError("a DoRA merge cannot be undone from the merged kernels: the column norms of W + scale·A@B "
+                         "it divided by are gone; keep the base params and combine(base, adapter) instead")
     for path in [p for p in adapter_flat if p[-1] == LORA_A]:
         module = path[:-1]
         weight = weight_path(flat, module)
