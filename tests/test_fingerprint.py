@@ -87,3 +87,19 @@ def test_sharded_base_gives_the_same_fingerprint():
     out = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_a_quantised_base_has_a_fingerprint_that_sees_its_codes(tiny):
+    import jax
+
+    from lora_jax.checkpoints.adapter import base_fingerprint
+
+    quantised = lora_jax.quantize_base(tiny[1], "nf4")
+    before = base_fingerprint(quantised)
+    kernel = quantised["model"]["encoder"]["layers"]["0"]["fc1"]["kernel"]
+    codes = jax.tree_util.tree_leaves(kernel)[0]
+    nudged = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(kernel),
+                                          [codes.at[0].set(codes[0] ^ 1)] + jax.tree_util.tree_leaves(kernel)[1:])
+    quantised["model"]["encoder"]["layers"]["0"]["fc1"]["kernel"] = nudged
+    after = base_fingerprint(quantised)
+    assert before["shapes_sha256"] == after["shapes_sha256"] and before["values_sha256"] != after["values_sha256"]

@@ -61,13 +61,25 @@ def leaf_checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
+def _array_leaves(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """`flat` with each structured leaf (a quantised kernel: codes, scales, ...) replaced by its arrays, `path[i]`."""
+    out = {}
+    for key, value in flat.items():
+        parts = jax.tree_util.tree_leaves(value)
+        if len(parts) == 1 and parts[0] is value:
+            out[key] = value
+        else:
+            out.update({f"{key}[{i}]": part for i, part in enumerate(parts)})
+    return out
+
+
 def base_fingerprint(base_params: Mapping) -> dict:
     """A fingerprint of the frozen base: SHA-256 of the leaf shapes, and SHA-256 over (path, shape, `leaf_checksum`)
     of every leaf (adapters excluded), so a change to any element of any frozen weight changes `values_sha256`.
 
     Every element is read once on its device (bart-large, 406M parameters: see README); only the scalar checksums
     come to the host, so sharded leaves are never gathered. Values are compared as float32 (bf16 leaves are exact)."""
-    flat = {k: v for k, v in flatten_paths(base_params).items() if k.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
+    flat = _array_leaves({k: v for k, v in flatten_paths(base_params).items() if k.rsplit("/", 1)[-1] not in ADAPTER_LEAVES})
     shapes = {k: list(np.shape(v)) for k, v in sorted(flat.items())}
     sums = jax.device_get({k: leaf_checksum(v) for k, v in flat.items()})
     digest = hashlib.sha256()
