@@ -61,7 +61,8 @@ def test_empty_data_file_is_one_line_and_exit_code_2(tmp_path):
     empty.write_bytes(b"")
     out, errors = _run("train", _config(tmp_path, empty))
     assert out.returncode == 2, out.stderr
-    assert errors == [f"error: data file {empty} is empty (0 bytes): remove it from the data files or fill it"], out.stderr
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: data file {empty} is empty (0 bytes): remove it from the data files or fill it"), out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -44,7 +44,9 @@ class Run:
     gen: GenerationConfig  # beam-search settings of ROUGE evaluation
     pad_id: int
     start_id: int  # decoder start token
-    initial_adapter: dict | None = None  # PiSSA / OLoRA: the adapters as initialised (A0, B0), to convert at save
+    # PiSSA / OLoRA: the adapters as initialised (A0, B0) and the untouched base, to save a LoRA of that base
+    initial_adapter: dict | None = None
+    original_params: dict | None = None
 
     @property
     def apply_model(self) -> BartForConditionalGeneration | LoraModel:
@@ -104,12 +106,14 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
     if adapter_dir is not None:
         adapter, lora_config, _ = lora_jax.load_adapter(adapter_dir, base_params=params)
         params = lora_jax.combine(params, adapter)
-    elif lora_config is not None and for_training:
+    original, initial = None, None
+    if adapter_dir is None and lora_config is not None and for_training:
+        original = params if lora_config.residual_init else None  # only the adapted kernels are not shared with it
         params = lora_jax.init_lora(params, lora_config, jax.random.PRNGKey(cfg.train.seed + 1), _dtype(cfg.lora.dtype))
-    initial = initial_adapter(params) if for_training and adapter_dir is None and lora_config and lora_config.residual_init else None
+        initial = initial_adapter(params) if lora_config.residual_init else None
     gen = generation_settings(cfg, model.config, cfg.model.checkpoint)
     return Run(cfg, model, params, tokenizer, splits, dropped, lora_config, mesh, gen,
-               model.config.pad_token_id, model.config.decoder_start_token_id, initial)
+               model.config.pad_token_id, model.config.decoder_start_token_id, initial, original)
 
 
 def make_optimizer(cfg: RunConfig, lora_config: LoraConfig | None) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -25,7 +25,7 @@ import lora_jax
 from lora_jax import sharding
 from lora_jax.checkpoints.files import dir_bytes
 from lora_jax.data import TrainBatches
-from lora_jax.lora.residual_init import original_base, plain_lora_on_original
+from lora_jax.lora.residual_init import plain_lora_on_original
 from lora_jax.models.bart import IGNORE
 from lora_jax.training import TrainCheckpointer, TrainState
 from lora_jax.training.runtime import release_host_memory
@@ -338,7 +338,7 @@ def save_result(run: Run, state: TrainState, out: str) -> dict:
         path = os.path.join(out, "adapter")
         adapter, config, base = lora_jax.adapter_params(params, run.lora_config), run.lora_config, params
         if run.initial_adapter is not None:  # PiSSA / OLoRA trained on a residual: save a LoRA of the untouched base
-            base = original_base(params, run.initial_adapter, config)
+            base = jax.device_get(run.original_params)
             adapter, config = plain_lora_on_original(adapter, run.initial_adapter, config)
         lora_jax.save_adapter(path, adapter, config, base_model=run.cfg.model.checkpoint or "random-init",
                               base_params=base)
