@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
 
@@ -33,3 +35,9 @@ def path_str(path: Path) -> str:
 def flatten_paths(tree: Mapping) -> dict[str, Any]:
     """{'/'-joined path: leaf} of a nested params-like tree."""
     return {path_str(k): v for k, v in flatten_tree(tree).items()}
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the arrays of a pytree (arrays or jax.ShapeDtypeStructs; structured leaves count their arrays)."""
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+                   if hasattr(x, "dtype")))

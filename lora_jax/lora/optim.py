@@ -14,7 +14,7 @@ import optax
 
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import LORA_B, is_trainable
-from lora_jax.tree import flatten_tree, unflatten_tree
+from lora_jax.tree import flatten_tree, tree_bytes, unflatten_tree
 
 TRAINABLE, FROZEN, LORA_B_LABEL = "trainable", "frozen", "lora_b"
 TxFactory = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
@@ -77,4 +77,4 @@ def adamw_factory(weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
 
 def state_bytes(opt_state) -> int:
     """Bytes held by an optimizer state's arrays."""
-    return sum(x.nbytes for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "nbytes"))
+    return tree_bytes(opt_state)

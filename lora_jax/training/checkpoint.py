@@ -25,8 +25,9 @@ import signal
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from lora_jax.tree import tree_bytes
 
 log = logging.getLogger(__name__)
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -62,10 +63,6 @@ def _is_out_of_space(error: BaseException) -> bool:
     # TensorStore reports a full disk as a RESOURCE_EXHAUSTED status inside a ValueError, not as an OSError.
     return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
         marker in text for marker in ("No space left", "RESOURCE_EXHAUSTED", "Disk quota exceeded"))
-
-
-def tree_nbytes(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
 class TrainCheckpointer:
@@ -124,7 +121,7 @@ class TrainCheckpointer:
             intact = f"the previous checkpoint (step {previous[0]}) is intact" if previous else "no earlier checkpoint exists"
             raise CheckpointWriteError(
                 f"no space left to write checkpoint step {step} in {self.directory}: it needs about "
-                f"{tree_nbytes(state) / 2**20:.1f} MiB, {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB are "
+                f"{tree_bytes(state) / 2**20:.1f} MiB, {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB are "
                 f"free there; {intact}. Free some space (or set train.output_dir elsewhere) and re-run to resume") from None
         self.prune(also_keep)
         return True
