@@ -42,7 +42,7 @@ def measure(spec: BenchSpec, scan: bool, cache_dir: str) -> dict[str, Any]:
     lora = lora_config(spec)
     params = lora_jax.init_lora(params, lora, jax.random.PRNGKey(spec.seed + 1))
     tx = lora_jax.lora_optimizer(optax.adamw(spec.learning_rate, weight_decay=0.0), lora)
-    state = lora_jax.create_train_state(params, lora, tx)
+    state = lora_jax.create_train_state(params, lora, tx, stack_layers=scan)  # as python -m train
     del params
     train_step = lora_jax.make_train_step(model, lora)
     state, metrics = train_step(state, device_batch(spec), jax.random.PRNGKey(spec.seed + 2))

@@ -22,6 +22,7 @@ from bench.common import (
 from bench.memory import memory_fields, start_phase
 from lora_jax.checkpoints.hf import expected_shapes
 from lora_jax.generation import GenerationConfig, generate_padded
+from lora_jax.models.layer_stack import unstack_layers
 
 # JAX's compile phases (jax._src.dispatch): tracing to a jaxpr, lowering to MLIR, XLA compilation.
 COMPILE_EVENTS = (
@@ -92,6 +93,7 @@ def step_flops(model, lora: lora_jax.LoraConfig | None, state, batch, rng) -> fl
     costs no second compilation; it is within ~2% of the compiled program's count (measured on small models).
     Counted on the unrolled layers: cost analysis counts a `lax.scan` body once, not once per layer."""
     step = lora_jax.make_train_step(model.clone(scan_layers=False), lora, jit=False)
+    state = state.replace(frozen=jax.eval_shape(unstack_layers, state.frozen))  # abstract: no copy is made
     cost = jax.jit(step).lower(state, batch, rng).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]) if cost and "flops" in cost else None
@@ -110,7 +112,8 @@ def bench_train(spec: BenchSpec, full_finetune: bool, build=build_model) -> dict
         params = lora_jax.init_lora(params, lora, jax.random.PRNGKey(spec.seed + 1))
     trainable, total, _ = lora_jax.count_params(params, lora, full_finetune=full_finetune, verbose=False)
     tx = lora_jax.lora_optimizer(optax.adamw(spec.learning_rate, weight_decay=0.0), lora, full_finetune=full_finetune)
-    state = lora_jax.create_train_state(params, lora, tx, full_finetune=full_finetune)
+    state = lora_jax.create_train_state(params, lora, tx, full_finetune=full_finetune,
+                                        stack_layers=spec.scan_layers and not full_finetune)  # as python -m train
     del params  # the state holds what the step needs; full fine-tuning would otherwise keep a second copy
     batch, rng = device_batch(spec), jax.random.PRNGKey(spec.seed + 2)
     flops = step_flops(model, lora, state, batch, rng)

@@ -16,6 +16,7 @@ import pytest
 import lora_jax
 from lora_jax.generation import generate
 from lora_jax.models.attention import BartAttention
+from lora_jax.models.layer_stack import STACKED, stack_layers, unstack_layers
 from tests.test_generation import GREEDY
 
 LORA = lora_jax.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "fc1"))
@@ -168,15 +169,45 @@ def test_scanned_train_step_matches_unrolled_without_dropout(tiny_no_dropout, ba
     model, params = tiny_no_dropout
     adapted = lora_jax.init_lora(params, LORA, jax.random.PRNGKey(0))
     results = []
-    for m in (model.clone(attention="explicit"), model.clone(scan_layers=True, remat="dots")):
+    variants = ((model.clone(attention="explicit"), False), (model.clone(scan_layers=True, remat="dots"), False),
+                (model.clone(scan_layers=True, remat="dots"), True))
+    for m, stacked in variants:
         tx = lora_jax.lora_optimizer(optax.adamw(1e-2), LORA)
-        state = lora_jax.create_train_state(adapted, LORA, tx)
+        state = lora_jax.create_train_state(adapted, LORA, tx, stack_layers=stacked)
+        if stacked:  # the frozen weights really are held pre-stacked
+            assert set(state.frozen["model"]["encoder"]["layers"]) == {STACKED}
         step = lora_jax.make_train_step(m, LORA)
         losses = []
         for _ in range(3):
             state, metrics = step(state, batch, jax.random.PRNGKey(1))
             losses.append(float(metrics["loss"]))
         results.append((np.array(losses), state.trainable))
-    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
-    # Adam divides by sqrt(v): a rounding-level gradient difference moves an entry by up to ~lr * 1e-2.
-    chex.assert_trees_all_close(results[1][1], results[0][1], atol=1e-4, rtol=0)
+    for got in results[1:]:
+        np.testing.assert_allclose(got[0], results[0][0], rtol=1e-5)
+        # Adam divides by sqrt(v): a rounding-level gradient difference moves an entry by up to ~lr * 1e-2.
+        chex.assert_trees_all_close(got[1], results[0][1], atol=1e-4, rtol=0)
+    # pre-stacking changes where the frozen weights live, not what is computed
+    chex.assert_trees_all_close(results[2], results[1], atol=1e-6, rtol=0)
+    assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(adapted)
+
+
+def test_stack_layers_round_trip_and_scanned_forward(adapted, ref):
+    """stack_layers / unstack_layers are inverse (exact); a scanned model reads pre-stacked weights, alone or with
+    per-layer adapter leaves beside them, and gives the per-layer tree's logits; an unrolled model refuses them."""
+    model, params = adapted
+    stacked = stack_layers(params)
+    layers = stacked["model"]["decoder"]["layers"]
+    assert set(layers) == {STACKED}
+    assert layers[STACKED]["fc1"]["kernel"].shape == (2,) + params["model"]["decoder"]["layers"]["0"]["fc1"]["kernel"].shape
+    chex.assert_trees_all_equal(unstack_layers(stacked), params)
+    frozen, trainable = lora_jax.split_trainable(params, LORA)[1], lora_jax.split_trainable(params, LORA)[0]
+    beside = lora_jax.combine(stack_layers(frozen), trainable)  # frozen stacked, adapters per layer
+    chex.assert_trees_all_equal(unstack_layers(beside), params)
+    inputs = _inputs(ref, decoder_padding=False)
+    want = _logits_and_grads(model, params, inputs, jit=True)[0]
+    scanned = model.clone(scan_layers=True)
+    for tree in (stacked, beside):
+        got = jax.jit(lambda p: lora_jax.LoraModel(scanned, LORA).apply({"params": p}, *inputs))(tree)
+        chex.assert_trees_all_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="pre-stacked layers.*scan_layers=True"):
+        lora_jax.LoraModel(model, LORA).apply({"params": stacked}, *inputs)

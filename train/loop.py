@@ -162,7 +162,11 @@ def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> d
     fingerprint = run_fingerprint(config_to_dict(cfg), run.params, run.tokenizer, run.splits["train"],
                                   cfg.data.train_files if cfg.data.dataset is None else None)
     tx, schedule = make_optimizer(cfg, run.lora_config)
-    state = lora_jax.create_train_state(run.params, run.lora_config, tx, full_finetune=full)
+    # A scanned model's frozen layers are kept pre-stacked (no per-step stacking copy); the run then drops its
+    # per-layer tree, so one copy of the base is alive, not two.
+    state = lora_jax.create_train_state(run.params, run.lora_config, tx, full_finetune=full,
+                                        stack_layers=cfg.model.scan_layers and not full)
+    run = dataclasses.replace(run, params=None)
     state_shardings = None
     if run.mesh.size > 1:
         state, state_shardings = sharding.shard_state(state, run.mesh)

@@ -24,7 +24,9 @@ from lora_jax import compile_events
 from lora_jax.lora.apply import with_lora
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import combine, split_trainable
+from lora_jax.models import layer_stack
 from lora_jax.models.bart import IGNORE
+from lora_jax.models.layer_stack import unstack_layers
 
 Batch = Mapping[str, jax.Array]
 StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict]]
@@ -66,14 +68,19 @@ class TrainState:
 
     @property
     def params(self) -> dict:
-        """The full parameter tree (frozen + trainable)."""
-        return combine(self.frozen, self.trainable)
+        """The full parameter tree (frozen + trainable), in the transformers layout (pre-stacked layers unstacked)."""
+        return unstack_layers(combine(self.frozen, self.trainable))
 
 
 def create_train_state(
-    params: Mapping, lora_config: LoraConfig | None, tx: optax.GradientTransformation, full_finetune: bool = False
+    params: Mapping, lora_config: LoraConfig | None, tx: optax.GradientTransformation, full_finetune: bool = False,
+    stack_layers: bool = False,
 ) -> TrainState:
-    """Splits `params` (already holding adapters, see `init_lora`) and initialises `tx` on the trainable part."""
+    """Splits `params` (already holding adapters, see `init_lora`) and initialises `tx` on the trainable part.
+
+    stack_layers=True (for a model with `scan_layers=True`) keeps the frozen leaves of each layer stack pre-stacked
+    (`lora_jax.models.layer_stack.stack_layers`), so the step scans them in place instead of copying every layer's
+    frozen weights into a stack on every call; `state.params` still gives the transformers layout."""
     if lora_config is None and not full_finetune:
         raise ValueError("create_train_state needs a LoraConfig, or full_finetune=True")
     trainable, frozen = split_trainable(params, lora_config, full_finetune)
@@ -81,6 +88,8 @@ def create_train_state(
         raise ValueError("nothing to train: params hold no LoRA adapters (call init_lora first) and no modules_to_save")
     # The step donates trainable buffers; copy them so the caller's params tree stays valid.
     trainable = jax.tree_util.tree_map(jnp.array, trainable)
+    if stack_layers:
+        frozen = layer_stack.stack_layers(frozen)
     return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable), tx)
 
 
