@@ -121,8 +121,12 @@ class BartAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, 0, idx, 0))
             v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), (0, 0, idx, 0))
             self_cache = {"k": k, "v": v, "index": idx + hidden.shape[1]}
-        logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+        # Head-major q, so both matmuls are plain batched matmuls over (b, h): XLA's CPU backend hands those to its
+        # fast matmul library, while the (b, q, h, d) form went to its generic dot loop (3.6x slower per decoding
+        # step at bart-base, beams folded in).
+        q = q.transpose(0, 2, 1, 3)  # (B, H, Tq, Dh)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1)
         weights = self.attn_dropout(weights, deterministic=deterministic).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(hidden.shape[:2] + (-1,))
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(hidden.shape[:2] + (-1,))
         return self.out_proj(out), self_cache
