@@ -2,9 +2,11 @@
 
     python -m bench.multi_adapter                                   # data/demo_base, K = 4 and 16, batch 16, 4 beams
     python -m bench.multi_adapter --torch-python /path/to/venv/bin/python   # adds PEFT's mixed-batch generate
+    python -m bench.multi_adapter --model base                      # bart-base size, random weights and tokens
 
 For each K: K random adapters (LoRA r --rank on q_proj and v_proj, non-zero A and B, as after training), a batch of
---batch real docstrings (data/demo test split) whose rows cycle through the adapters. Measured, all in this process
+--batch real docstrings (data/demo test split; with --model, seeded random tokens) whose rows cycle through the
+adapters. Measured, all in this process
 (the PEFT row in a child process that never imports JAX):
 
 - forward (logits of the batch, jitted, median of --repeats calls timed round-robin): the base; one adapter merged
@@ -152,15 +154,26 @@ def peft_row(torch_python: str, base_dir: str, adapters, configs, base, input_id
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def random_inputs(batch: int, source_len: int, model: str, seed: int):
+    """--model base: the seeded uniform tokens of bench.common.make_batch (no padding), as the training benches use."""
+    from bench.common import BenchSpec, make_batch
+
+    b = make_batch(BenchSpec(model=model, batch=batch, source_len=source_len, target_len=2, seed=seed))
+    return jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"])
+
+
 def run_k(args, model, base, tokenizer, k: int) -> dict:
     adapters, configs = make_adapters(base, k, args.rank, args.seed)
     stacked, info = stack_adapters(adapters, configs)
-    input_ids, mask = load_batch(tokenizer, args.batch, args.source_len)
+    if tokenizer is None:
+        input_ids, mask = random_inputs(args.batch, args.source_len, args.model, args.seed)
+    else:
+        input_ids, mask = load_batch(tokenizer, args.batch, args.source_len)
     names = [f"a{i % k}" for i in range(args.batch)]
     ids = jnp.asarray(info.ids(names))
     merged_one = lora_jax.merge_lora(lora_jax.combine(base, adapters["a0"]), configs["a0"])
     cfg = fixed_length_config(model, args.num_beams, args.max_new_tokens)
-    record = {"K": k, "batch": args.batch, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+    record = {"K": k, "model": args.model or "demo_base", "batch": args.batch, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
               "source_len": args.source_len, "rank": args.rank,
               "base_bytes": tree_bytes(base), "stack_bytes": tree_bytes(stacked), "merged_copy_bytes": tree_bytes(base)}
     record |= bench_forward(model, base, stacked, info, merged_one, input_ids, mask, ids, args.repeats)
@@ -191,6 +204,9 @@ def markdown(records) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.multi_adapter", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default=os.path.join(ROOT, "data", "demo_base"))
+    ap.add_argument("--model", choices=["tiny", "base"],
+                    help="instead of --base: seeded random weights of this size (base = facebook/bart-base's "
+                         "architecture) and seeded random tokens, as in python -m bench.run")
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--num-beams", type=int, default=4)
@@ -203,8 +219,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-python", help="a python with torch, peft and transformers 4.x, for the PEFT row")
     args = ap.parse_args(argv)
-    model, base = lora_jax.load_pretrained(args.base)
-    tokenizer = lora_jax.load_tokenizer(args.base)
+    if args.model is None:
+        model, base = lora_jax.load_pretrained(args.base)
+        tokenizer = lora_jax.load_tokenizer(args.base)
+    else:
+        if args.torch_python:
+            ap.error("the PEFT row needs a base on disk: use --base DIR (not --model) with --torch-python")
+        from bench.common import BenchSpec
+        from bench.jax_bench import build_model
+
+        model, base = build_model(BenchSpec(model=args.model, seed=args.seed))
+        tokenizer = None
     records = []
     for k in args.ks:
         records.append(run_k(args, model, base, tokenizer, k))

@@ -1,4 +1,4 @@
-"""From the children's JSON records to the summary: derived ratios, the issue-6 targets, and markdown tables."""
+"""From the children's JSON records to the summary: derived ratios, the issue-6 and issue-15 targets, and markdown tables."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One issue-6 target: `measure(records)` compared with `goal`. A missing input gives status 'n/a'."""
+    """One target: `measure(records)` compared with `goal`. A missing input gives status 'n/a'."""
 
     name: str
     measure: Callable[[Records], float | None]
@@ -66,13 +66,14 @@ def _field_ratio(num: tuple[str, str], den: tuple[str, str]) -> Callable[[Record
 
 
 TARGETS = (
-    Target("LoRA step time / PEFT LoRA step time", _field_ratio(("jax_lora", "step_time_s"), ("peft_lora", "step_time_s")), "<=", 0.75),
-    Target("LoRA step time / lora_jax full FT step time", _field_ratio(("jax_lora", "step_time_s"), ("jax_full", "step_time_s")), "<=", 0.5),
+    # Issue 15 replaced issue 6's step goals (PEFT 0.75 -> 0.85, matmul 0.7 -> 0.85, beams 1.5 -> 2) and dropped the
+    # LoRA / full FT step ratio (already below the FLOP ratio); the latter is still reported in the training table.
+    Target("LoRA step time / PEFT LoRA step time", _field_ratio(("jax_lora", "step_time_s"), ("peft_lora", "step_time_s")), "<=", 0.85),
     Target("LoRA peak memory / PEFT LoRA peak memory", _field_ratio(("jax_lora", "peak_memory_bytes"), ("peft_lora", "peak_memory_bytes")), "<=", 1.0),
     Target("LoRA peak memory / lora_jax full FT peak memory", _field_ratio(("jax_lora", "peak_memory_bytes"), ("jax_full", "peak_memory_bytes")), "<=", 1 / 3),
-    Target("LoRA step GFLOP/s / same-run matmul GFLOP/s", lambda r: matmul_fraction(r, "jax_lora"), ">=", 0.7),
+    Target("LoRA step GFLOP/s / same-run matmul GFLOP/s", lambda r: matmul_fraction(r, "jax_lora"), ">=", 0.85),
     Target("merged forward latency / base forward latency", lambda r: _get(r, "jax_forward", "merged_over_base"), "within", 0.03),
-    Target("beam search tokens/s / transformers PyTorch tokens/s", _field_ratio(("jax_generate", "tokens_per_s"), ("torch_generate", "tokens_per_s")), ">=", 1.5),
+    Target("beam search tokens/s / transformers PyTorch tokens/s", _field_ratio(("jax_generate", "tokens_per_s"), ("torch_generate", "tokens_per_s")), ">=", 2.0),
     Target("LoRA peak memory, int8 base / lora_jax full FT peak memory", _field_ratio(("jax_lora_int8", "peak_memory_bytes"), ("jax_full", "peak_memory_bytes")), "<=", 1 / 3),
     Target("LoRA train-step compile s, scanned, cold (issue 15)", lambda r: _get(r, "jax_compile", "scanned_cold_s"), "<=", 15.0),
     Target("LoRA train-step compile s, from the persistent cache (issue 15)", lambda r: _get(r, "jax_compile", "scanned_cached_s"), "<=", 3.0),
@@ -214,7 +215,7 @@ def markdown(env: Mapping[str, Any], records: Records, summary_record: Mapping[s
         parts += ["### Compile time", compile_table(records)]
     if any(v is not None for v in summary_record.get("mfu", {}).values()):
         parts.append("MFU (GPU, dense bf16 peak): " + ", ".join(f"{s} {_fmt(v)}" for s, v in summary_record["mfu"].items()))
-    parts += ["### Targets (issue 6)", targets_table(summary_record)]
+    parts += ["### Targets (issues 6 and 15)", targets_table(summary_record)]
     same = summary_record.get("generation_ids_identical")
     if same is not None:
         parts.append(f"Beam-search ids identical in JAX and PyTorch: {_fmt(same)}")

@@ -10,3 +10,11 @@ def test_bench_runs_and_mixed_equals_sequential(capsys):
     out = capsys.readouterr().out
     assert '"mixed_equals_sequential": true' in out
     assert "| 2 |" in out and "not run" in out  # the PEFT column without --torch-python
+
+
+def test_bench_runs_on_seeded_random_weights(capsys):
+    """--model: the bench's seeded random architecture and tokens instead of a base on disk."""
+    assert multi_adapter.main(["--model", "tiny", "--ks", "2", "--batch", "4", "--max-new-tokens", "3",
+                               "--source-len", "16", "--repeats", "1", "--gen-repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert '"model": "tiny"' in out and '"mixed_equals_sequential": true' in out
