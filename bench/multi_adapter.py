@@ -41,13 +41,9 @@ from bench.common import interleaved_median_times
 from lora_jax.generation import GenerationConfig
 from lora_jax.lora.multi import MultiLoraModel
 from lora_jax.lora.stack import stack_adapters
-from lora_jax.tree import flatten_tree, unflatten_tree
+from lora_jax.tree import flatten_tree, tree_bytes, unflatten_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tree_bytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
 def make_adapters(base, k: int, rank: int, seed: int):

@@ -28,6 +28,13 @@ def unflatten_tree(flat: Mapping[Path, Any]) -> dict:
     return traverse_util.unflatten_dict(dict(flat))
 
 
+def merge_trees(base: Mapping, overlay: Mapping) -> dict:
+    """Deep-merges `overlay` into `base` (a new nested dict; overlay's leaves win where both have a path)."""
+    flat = flatten_tree(base)
+    flat.update(flatten_tree(overlay))
+    return unflatten_tree(flat)
+
+
 def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path)
 

@@ -19,7 +19,7 @@ from lora_jax.lora.config import LoraConfig, path_matches
 from lora_jax.lora.leaves import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE
 from lora_jax.lora.residual_init import residual_adapters
 from lora_jax.quantization import dequantize
-from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
+from lora_jax.tree import Path, flatten_tree, merge_trees, path_str, unflatten_tree
 
 # The weight leaves an adapter can sit beside: a Dense `kernel (in, out)` or an Embed `embedding (vocab, features)`
 # (the adapter then adds scale·A[ids]@B to the looked-up rows: A is (vocab, r), B (r, features)).
@@ -153,9 +153,7 @@ def adapter_params(params: Mapping, config: LoraConfig | None = None) -> dict:
 
 def combine(base: Mapping, adapter: Mapping) -> dict:
     """Deep-merges `adapter` into `base` (adapter leaves win)."""
-    flat = flatten_tree(base)
-    flat.update(flatten_tree(adapter))
-    return unflatten_tree(flat)
+    return merge_trees(base, adapter)
 
 
 def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from lora_jax.models.config import BartConfig
-from lora_jax.tree import flatten_tree, unflatten_tree
+from lora_jax.tree import merge_trees
 
 # Rematerialisation policies by name: what a layer keeps for the backward pass; the rest is recomputed there.
 REMAT_POLICIES = {
@@ -68,7 +68,7 @@ def stack_layers(tree: Any) -> Any:
     for key, node in tree.items():
         keys = _layer_keys(node) if key == "layers" else None
         if keys and len({_signature(node[k]) for k in keys}) == 1:
-            out[key] = {STACKED: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(node[k] for k in keys))}
+            out[key] = {STACKED: _stack_trees(node[k] for k in keys)}
         else:
             out[key] = stack_layers(node)
     return out
@@ -86,18 +86,16 @@ def unstack_layers(tree: Any) -> Any:
             n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
             rest = {k: unstack_layers(v) for k, v in node.items() if k != STACKED}
             layers = {str(i): jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)}
-            out[key] = {k: _deep_merge(layers.get(k, {}), rest.get(k, {}))
+            out[key] = {k: merge_trees(layers.get(k, {}), rest.get(k, {}))
                         for k in sorted(set(layers) | set(rest), key=int)}
         else:
             out[key] = unstack_layers(node)
     return out
 
 
-def _deep_merge(a: Any, b: Any) -> dict:
-    # The two trees never share a leaf (one layer's frozen vs trainable leaves).
-    flat = flatten_tree(a)
-    flat.update(flatten_tree(b))
-    return unflatten_tree(flat)
+def _stack_trees(trees: Any) -> Any:
+    """Identically structured trees -> one tree whose leaves are theirs stacked on a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def _hidden_of(output: Any) -> jax.Array:
@@ -171,8 +169,8 @@ class LayerStack(nn.Module):
         if any(p is None for p in per_layer) or len({_signature(p) for p in per_layer}) != 1:
             raise ValueError(f"pre-stacked layers need the same per-layer leaves on each of the {self.num_layers} "
                              "layers (e.g. adapters on every layer, one rank): unstack_layers(params) runs unrolled")
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_layer)
-        return _deep_merge(params[STACKED], stacked) if STACKED in params else stacked
+        stacked = _stack_trees(per_layer)
+        return merge_trees(params[STACKED], stacked) if STACKED in params else stacked
 
     def _scan(self, hidden: jax.Array, args: tuple, deterministic: bool) -> jax.Array:
         stacked = self.stacked_params()
