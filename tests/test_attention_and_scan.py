@@ -211,3 +211,15 @@ def test_stack_layers_round_trip_and_scanned_forward(adapted, ref):
         chex.assert_trees_all_close(got, want, atol=LOGIT_ATOL, rtol=0)
     with pytest.raises(ValueError, match="pre-stacked layers.*scan_layers=True"):
         lora_jax.LoraModel(model, LORA).apply({"params": stacked}, *inputs)
+
+
+def test_pre_stacked_layers_refuse_uneven_per_layer_leaves(tiny, ref):
+    """Adapters on one layer only beside pre-stacked frozen weights: no scan can combine them, and the error says so
+    and names the way out (unstack_layers)."""
+    model, params = tiny
+    config = lora_jax.LoraConfig(rank=2, alpha=4, targets=("encoder/layers/0/self_attn/q_proj",))
+    trainable, frozen = lora_jax.split_trainable(lora_jax.init_lora(params, config, jax.random.PRNGKey(0)), config)
+    args = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    with pytest.raises(ValueError, match="same per-layer leaves.*unstack_layers"):
+        lora_jax.LoraModel(model.clone(scan_layers=True), config).apply(
+            {"params": lora_jax.combine(stack_layers(frozen), trainable)}, *args)

@@ -18,3 +18,13 @@ def test_bench_runs_on_seeded_random_weights(capsys):
                                "--source-len", "16", "--repeats", "1", "--gen-repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert '"model": "tiny"' in out and '"mixed_equals_sequential": true' in out
+
+
+def test_random_weights_refuse_the_peft_row(capsys):
+    """The PEFT child needs a base on disk: --model with --torch-python stops, naming both options."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        multi_adapter.main(["--model", "tiny", "--torch-python", "python"])
+    err = capsys.readouterr().err
+    assert "--torch-python" in err and "--base" in err
