@@ -5,7 +5,7 @@ Each reading is a fresh child process (`python -m bench.compile_time --spec ... 
 neither JAX's in-memory caches nor a warm compiler carry over: "cold" children get an empty cache directory, the
 "from the cache" child the directory the scanned cold child filled, as a re-run or a resume of `python -m train`
 would. The seconds are JAX's own (tracing + lowering + compiling or reading the cache, from `jax.monitoring`, via
-`lora_jax.compile_events`), for the first train step of the bench's LoRA setting (remat and batch as the spec says).
+`lora_jax.training.compile_events`), for the first train step of the bench's LoRA setting (remat and batch as the spec says).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Packages: `lora` (LoRA itself, model-agnostic), `models` (the Flax BART), `checkpoints` (everything on disk),
 `training` (train state and step, resumable checkpoints), `generation` (greedy and beam search), `data` (input
-pipeline), `quantization` (int8 / NF4 frozen kernels); `sharding` holds meshes and partition rules. The names below
-are the public API.
+pipeline), `quantization` (int8 / NF4 frozen kernels). Three shared modules sit at the top: `sharding` (meshes,
+partition rules, many hosts), `tree` (parameter trees by path) and `ranges` (valid ranges of config numbers).
+The names below are the public API; docs/architecture.md says what each package may import.
 """
 
 __version__ = "0.1.0"
@@ -42,7 +43,7 @@ from lora_jax.lora import (
     unmerge_lora,
     with_lora,
 )
-from lora_jax.serving import AdapterServer
+from lora_jax.generation.serving import AdapterServer
 from lora_jax.models.bart import BartForConditionalGeneration, init_params, shift_tokens_right
 from lora_jax.models.config import BartConfig, bart_base_config
 from lora_jax.models.tying import untie_embeddings

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import lora_jax
-from lora_jax import analysis
+from lora_jax.lora import analysis
 from lora_jax.lora import LoraConfig
 from train import analyze
 

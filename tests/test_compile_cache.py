@@ -1,4 +1,4 @@
-"""Compile statistics (`lora_jax.compile_events`) and JAX's persistent compilation cache as `python -m train`
+"""Compile statistics (`lora_jax.training.compile_events`) and JAX's persistent compilation cache as `python -m train`
 enables it: a second run of the same config reads its train step from the cache."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from lora_jax import compile_events
+from lora_jax.training import compile_events
 from lora_jax.training import runtime
 from tests.test_train_cli import ROOT, _config, data_dir  # noqa: F401 (data_dir is a fixture)
 

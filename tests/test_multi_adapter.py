@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax import compile_events
+from lora_jax.training import compile_events
 from lora_jax.generation import num_compilations
 from lora_jax.lora.multi import MultiLoraModel, gathered_delta, grouped_delta
 from lora_jax.lora.stack import stack_adapters, unstack

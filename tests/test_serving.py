@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax.serving import AdapterServer
+from lora_jax.generation.serving import AdapterServer
 from tests.multi_helpers import CONFIGS, adapters_for
 
 SETTINGS = dict(num_beams=4, max_new_tokens=10, no_repeat_ngram_size=0, forced_bos_token_id=None,

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 import lora_jax
-from lora_jax import analysis
+from lora_jax.lora import analysis
 
 MAX_HEATMAPS = 4  # modules drawn in subspace_similarity.png (all are in the JSON)
 

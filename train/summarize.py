@@ -25,7 +25,7 @@ def _parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="python -m train.summarize",
         description="Generate summaries for JSON-lines rows, each with its own LoRA adapter, in mixed batches over one "
-        "frozen base (lora_jax.serving.AdapterServer: one compiled program per input shape).",
+        "frozen base (lora_jax.generation.serving.AdapterServer: one compiled program per input shape).",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--base", required=True, help="base checkpoint directory (or hub id) the adapters were trained on")
@@ -143,7 +143,7 @@ def summarize_rows(server, tokenizer, rows, args, progress=None) -> tuple[list[s
 def _build_server(args, specs):
     import lora_jax
     from lora_jax.generation import load_generation_config
-    from lora_jax.serving import AdapterServer
+    from lora_jax.generation.serving import AdapterServer
 
     model, base = lora_jax.load_pretrained(args.base)
     loaded = {name: load_any_adapter(directory, base) for name, directory in specs.items()}

@@ -4,6 +4,7 @@ api.py         generate, generate_padded, resolve_config (the public functions)
 search.py      the decoding loops (greedy, beam search) and their jitted form
 processors.py  logits processors (no-repeat n-gram, min length, forced BOS / EOS)
 config.py      GenerationConfig, read from a checkpoint or a model config
+serving.py     AdapterServer: one base, one compiled mixed-adapter search, adapters hot-swapped by value
 """
 
 from lora_jax.generation.api import generate, generate_padded, resolve_config, trim

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import compile_events
+from lora_jax.training import compile_events
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.generation.processors import process_scores
 

@@ -1,7 +1,7 @@
 """LoRA as pure parameter-tree transforms (transform.py), a forward pass that adds the adapters (apply.py) and
 optimizers that update only what LoRA trains (optim.py); many adapters in one batch: K adapters as one stacked tree
-(stack.py) and a forward pass where each example picks its own (multi.py); adapter algebra (algebra.py). Nothing here
-knows BART, checkpoints or the train loop."""
+(stack.py) and a forward pass where each example picks its own (multi.py); adapter algebra (algebra.py); the
+paper's Section 7 analysis of trained adapters (analysis.py). Nothing here knows BART, checkpoints or the train loop."""
 
 from lora_jax.lora.apply import LoraModel, lora_interceptor, with_lora
 from lora_jax.lora import algebra

@@ -1,5 +1,6 @@
 """Training: the train state and step (step.py), resumable checkpoints (checkpoint.py), learning-rate schedules
-(schedules.py) and process settings for CPU runs (runtime.py)."""
+(schedules.py), process settings for CPU runs (runtime.py) and compile counts from jax.monitoring
+(compile_events.py)."""
 
 from lora_jax.training.checkpoint import TrainCheckpointer
 from lora_jax.training.schedules import learning_rate_schedule

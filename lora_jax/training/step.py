@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_jax import compile_events
+from lora_jax.training import compile_events
 from lora_jax.lora.apply import with_lora
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import combine, split_trainable
@@ -225,7 +225,7 @@ def jit_train_update(update: Callable[[TrainState, Batch, jax.Array], tuple[Trai
     """Jits `update(state, batch, rng)` with the step, trainable leaves and optimizer state donated and the frozen
     leaves a plain input. The optimizer `state.tx` is a static argument: one compilation per optimizer and shape.
     The returned step's `num_compilations()` counts its XLA compilations and `compile_stats()` gives their count,
-    seconds and persistent-cache hits (`lora_jax.compile_events`)."""
+    seconds and persistent-cache hits (`lora_jax.training.compile_events`)."""
 
     def update_parts(step, trainable, opt_state, frozen, batch, rng, tx):
         new, metrics = update(TrainState(step, trainable, frozen, opt_state, tx), batch, rng)

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from lora_jax import compile_events
+from lora_jax.training import compile_events
 from lora_jax.generation.api import resolve_config, trim
 from lora_jax.generation.search import decode
 from lora_jax.lora.config import LoraConfig
