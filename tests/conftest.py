@@ -50,3 +50,17 @@ def peft_adapter_tree() -> dict:
         leaf = {"lora_A": "lora_a", "lora_B": "lora_b"}[parts[-2]]
         flat[tuple(parts[:-2]) + (leaf,)] = value.T
     return traverse_util.unflatten_dict(flat)
+
+
+# Test modules that start Python processes (the command-line tools end to end, simulated hosts, benchmarks, the docs'
+# examples): most of the suite's time. `python -m pytest -m "not slow"` runs the rest (CONTRIBUTING.md).
+SLOW_MODULES = frozenset({
+    "test_bench_smoke", "test_checkpoints_merged", "test_compile_cache", "test_multi_adapter_bench", "test_readme",
+    "test_sharding", "test_summarize_cli", "test_train_cli", "test_train_cli_errors", "test_train_untied",
+})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
