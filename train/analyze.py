@@ -6,7 +6,7 @@
 Writes to --out: analysis.json (per adapted module: dW's singular values and cumulative energy; with --base, the
 amplification numbers; with --compare, the subspace similarity phi(i, j) of the two adapters' A matrices),
 spectrum.png (cumulative energy of dW against the number of directions kept) and, with --compare,
-subspace_similarity.png (phi heat maps like the paper's Figure 3). See lora_jax/analysis.py for the definitions.
+subspace_similarity.png (phi heat maps like the paper's Figure 3). See lora_jax/lora/analysis.py for the definitions.
 """
 
 from __future__ import annotations
