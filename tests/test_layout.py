@@ -201,3 +201,15 @@ def test_no_block_repeated_within_the_packages():
                 repeats.append(f"{seen[block]} ~ {where}")
             seen.setdefault(block, where)
     assert not repeats, repeats[:10]
+
+
+def test_architecture_page_states_the_import_rules():
+    """docs/architecture.md's package table says, for each part of lora_jax, what it may import: the same as
+    ALLOWED_IMPORTS, so the page cannot drift from the rule this file enforces."""
+    documented = {}
+    for row in open(os.path.join(ROOT, "docs", "architecture.md")).read().splitlines():
+        m = re.fullmatch(r"\| `lora_jax/(\w+)(?:/|\.py)` \|.*\| ([^|]*) \|", row)
+        if m and m.group(1) != "__init__":  # the public API re-exports everything by design
+            documented[f"lora_jax.{m.group(1)}"] = {w.strip() for w in m.group(2).split(",")} - {"—"}
+    expected = {layer: {p.split(".")[-1] for p in allowed} for layer, allowed in ALLOWED_IMPORTS.items()}
+    assert documented == expected
