@@ -140,3 +140,11 @@ def test_peft_made_adapter_compares_the_base_name(tmp_path, tiny):
     _, messages = _quiet(load_any_adapter, PEFT_DIR, tiny[1], "facebook/bart-large")
     assert any("names base_model_name_or_path '../model', but the base given is 'facebook/bart-large'" in m
                for m in messages), messages
+
+
+def test_damaged_fingerprint_file_warns_and_loads(tmp_path, tiny):
+    adapter, config = import_peft(PEFT_DIR)
+    export_peft(str(tmp_path / "peft"), lora_jax.combine(tiny[1], adapter), config, MODEL_DIR)
+    (tmp_path / "peft" / BASE_NAME).write_text("{not json")
+    (loaded, _), messages = _quiet(load_any_adapter, str(tmp_path / "peft"), tiny[1], MODEL_DIR)
+    assert any(f"{BASE_NAME} is damaged" in m and "base not verified" in m for m in messages), messages

@@ -270,9 +270,16 @@ def check_peft_base(directory: str, cfg: Mapping, config: LoraConfig, base_param
     base_model_name_or_path against `base_model` (PEFT's own files say nothing of the weights)."""
     fingerprint_path = os.path.join(directory, BASE_NAME)
     if os.path.exists(fingerprint_path):
-        with open(fingerprint_path) as f:
-            meta = json.load(f)
-        check_fingerprint(directory, meta, split_trainable(base_params, config)[1])
+        try:
+            with open(fingerprint_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            meta = e
+        if isinstance(meta, dict) and isinstance(meta.get("base_fingerprint"), dict):
+            check_fingerprint(directory, meta, split_trainable(base_params, config)[1])
+        else:  # the fingerprint only vouches for the base; PEFT's own files are intact, so the adapter still loads
+            warnings.warn(f"{fingerprint_path} is damaged ({meta if isinstance(meta, Exception) else 'no base_fingerprint'})"
+                          ": base not verified", stacklevel=3)
         return
     named = cfg.get("base_model_name_or_path")
     if named and base_model and not _same_name(named, base_model):
