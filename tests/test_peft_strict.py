@@ -86,7 +86,8 @@ def test_unknown_field_switched_off_and_honoured_inits_load_quietly(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("lora_dropout", "abc"), ("lora_dropout", 1.5), ("r", "4"),
-                                         ("lora_alpha", None), ("rank_pattern", {"q_proj": "x"})])
+                                         ("lora_alpha", None), ("rank_pattern", {"q_proj": "x"}),
+                                         ("use_rslora", "false")])
 def test_bad_numbers_name_their_key(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"{field}"):
         import_peft(_adapter(tmp_path, **{field: value}))

@@ -30,7 +30,15 @@ from lora_jax.checkpoints.peft_weights import (
 )
 from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE, WEIGHT_LEAVES, adapter_params, split_trainable
+from lora_jax.lora.transform import (
+    ADAPTER_LEAVES,
+    LORA_A,
+    LORA_B,
+    LORA_MAGNITUDE,
+    WEIGHT_LEAVES,
+    adapter_params,
+    split_trainable,
+)
 from lora_jax.tree import flatten_tree, unflatten_tree
 
 PREFIX = "base_model.model."
@@ -196,10 +204,10 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
         dropout=numbers["lora_dropout"],
         rank_pattern={_our_pattern(k): v for k, v in numbers["rank_pattern"].items()},
         alpha_pattern={_our_pattern(k): v for k, v in numbers["alpha_pattern"].items()},
-        use_rslora=bool(cfg.get("use_rslora", False)),
+        use_rslora=numbers["use_rslora"],
         modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         init="gaussian" if init == "gaussian" else "kaiming_uniform",
-        use_dora=bool(cfg.get("use_dora") or False),
+        use_dora=numbers["use_dora"],
     )
 
 

@@ -34,7 +34,7 @@ class FieldRule:
 
 
 def _rule(handling: str, why: str, *inert) -> FieldRule:
-    return FieldRule(handling, why, tuple(inert) if inert else (None,))
+    return FieldRule(handling, why, (None, *inert))  # null is "off" for every field, as PEFT's defaults are
 
 
 PEFT_LORA_FIELDS: dict[str, FieldRule] = {
@@ -83,8 +83,8 @@ PEFT_LORA_FIELDS: dict[str, FieldRule] = {
     "layer_replication": _rule(REFUSED, "a model with replicated layers"),
     "runtime_config": _rule(METADATA, "runtime settings, never saved"),
     "lora_bias": _rule(REFUSED, "a bias on lora_B", False),
-    "target_parameters": _rule(REFUSED, "LoRA on bare nn.Parameters (MoE experts)", None, []),
-    "use_bdlora": _rule(REFUSED, "block-diagonal lora_A / lora_B", None, False),
+    "target_parameters": _rule(REFUSED, "LoRA on bare nn.Parameters (MoE experts)", []),
+    "use_bdlora": _rule(REFUSED, "block-diagonal lora_A / lora_B", False),
     "arrow_config": _rule(REFUSED, "Arrow routing among several adapters per token"),
     "kasa_config": _rule(REFUSED, "KaSA truncates the base weight's singular values and adds a learned diagonal"),
     "ensure_weight_tying": _rule(HONOURED, "no effect unless embed_tokens / lm_head / shared are targeted or saved; "
@@ -129,9 +129,14 @@ def _number(cfg: Mapping[str, Any], key: str, kind: type, low: float, high: floa
 
 
 def checked_numbers(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """r, lora_alpha, lora_dropout and the pattern values, type- and range-checked (errors name the key)."""
+    """r, lora_alpha, lora_dropout, the pattern values and the honoured flags, type- and range-checked (errors name
+    the key)."""
     out = {"r": _number(cfg, "r", int, 1, None, 8), "lora_alpha": _number(cfg, "lora_alpha", float, 0, None, 8),
            "lora_dropout": _number(cfg, "lora_dropout", float, 0, 1, 0.0)}
+    for key in ("use_rslora", "use_dora"):
+        out[key] = cfg.get(key) or False
+        if not isinstance(out[key], bool):
+            raise ValueError(f"adapter_config.json: {key}={cfg[key]!r} must be true or false")
     for key, kind in (("rank_pattern", int), ("alpha_pattern", float)):
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
