@@ -149,3 +149,19 @@ def test_damaged_fingerprint_file_warns_and_loads(tmp_path, tiny):
     (tmp_path / "peft" / BASE_NAME).write_text("{not json")
     (loaded, _), messages = _quiet(load_any_adapter, str(tmp_path / "peft"), tiny[1], MODEL_DIR)
     assert any(f"{BASE_NAME} is damaged" in m and "base not verified" in m for m in messages), messages
+
+
+def test_library_exports_never_mix_peft_and_merged_files(tmp_path, tiny):
+    from lora_jax.checkpoints.merged import export_merged
+
+    model, base = tiny
+    adapter, config = import_peft(PEFT_DIR)
+    params = lora_jax.combine(base, adapter)
+    export_peft(str(tmp_path / "p"), params, config, MODEL_DIR)
+    with pytest.raises(FileExistsError, match="already holds a PEFT adapter .*adapter_config.json"):
+        export_merged(str(tmp_path / "p"), params, config, model.config)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a model checkpoint"):
+        export_peft(str(tmp_path / "m"), params, config, MODEL_DIR)
+    assert sorted(os.listdir(tmp_path / "m")) == ["model.safetensors"]

@@ -95,3 +95,16 @@ def write_directory(directory: str, write: Callable[[str], Any]) -> Any:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return result
+
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MODEL_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def refuse_mixed_directory(directory: str, writing: str, others: tuple[str, ...], kind: str) -> None:
+    """A FileExistsError when `directory` holds files of another kind of checkpoint (`others`, a `kind`): writing
+    `writing` beside them would leave a directory that loads as either."""
+    found = [name for name in directory_entries(directory) if name in others]
+    if found:
+        raise FileExistsError(f"{directory} already holds {kind} ({', '.join(found)}); writing {writing} beside it would "
+                              "leave a directory that loads as either. Write to a new directory, or remove it first")

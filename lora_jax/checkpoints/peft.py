@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from lora_jax.checkpoints.adapter import base_fingerprint, check_adapter_fits, check_fingerprint, load_adapter
-from lora_jax.checkpoints.files import atomic_write
+from lora_jax.checkpoints.files import MODEL_FILES, atomic_write, refuse_mixed_directory
 from lora_jax.checkpoints.hf import torch_key
 from lora_jax.checkpoints.peft_fields import checked_numbers, field_problems
 from lora_jax.checkpoints.peft_weights import (
@@ -155,6 +155,7 @@ def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, 
     cfg = peft_config(config, base_model_name_or_path, _saved_modules(flat, config))
     base = split_trainable(base_params if base_params is not None else params_or_adapter, config)[1]
     has_base = any(p[-1] in WEIGHT_LEAVES for p in flatten_tree(base))
+    refuse_mixed_directory(directory, "a PEFT adapter", MODEL_FILES, "a model checkpoint")
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), save_tensors(state, metadata={"format": "pt"}))
     atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True))
