@@ -78,8 +78,18 @@ def test_same_computation_in_peft_warns_and_loads(tmp_path, field, value, match)
     assert config.rank == 4 and set(config.targets) == {"q_proj", "v_proj"}
 
 
+def test_velora_adapter_loads_without_its_training_buffers(tmp_path):
+    directory = _adapter(tmp_path, velora_config={"init_type": "batch_average", "num_groups": 64, "scale": 1.0})
+    state = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    state["base_model.model.model.encoder.layers.0.self_attn.q_proj.lora_velora_embed"] = np.ones((1, 16), np.float32)
+    save_file(state, os.path.join(directory, "adapter_model.safetensors"))  # as PEFT 0.21.2 saves a VeLoRA adapter
+    (adapter, _), messages = _quiet(import_peft, directory)
+    assert any("velora_config" in m for m in messages), messages
+    assert set(adapter["model"]["encoder"]["layers"]["0"]["self_attn"]["q_proj"]) == {"lora_a", "lora_b"}
+
+
 def test_unknown_field_switched_off_and_honoured_inits_load_quietly(tmp_path):
-    for init in (True, "gaussian", "eva", "orthogonal", "mica"):
+    for init in (True, None, "gaussian", "eva", "orthogonal", "mica"):
         shutil.rmtree(tmp_path / "adapter", ignore_errors=True)
         _, messages = _quiet(import_peft, _adapter(tmp_path, init_lora_weights=init, a_future_config=None))
         assert not [m for m in messages if "PEFT" in m], (init, messages)

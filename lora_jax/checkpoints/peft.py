@@ -244,11 +244,18 @@ def _lora_leaf(parts: list[str]) -> str | None:
     return None
 
 
-def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, str]]:
-    """PEFT state dict -> (flat adapter tree, {flat path: PEFT key}); refuses what lora_jax cannot reproduce."""
+# PEFT buffers that only its training uses: VeLoRA's activation-compression projections (backward pass only)
+TRAINING_ONLY = ("lora_velora_embed",)
+
+
+def _adapter_tree(state: Mapping[str, np.ndarray], skip: tuple[str, ...] = ()) -> tuple[dict, dict[tuple, str]]:
+    """PEFT state dict -> (flat adapter tree, {flat path: PEFT key}); refuses what lora_jax cannot reproduce. Keys
+    whose last part is in `skip` are left out."""
     flat, keys = {}, {}
     for key, value in state.items():
         parts = key.removeprefix(PREFIX).split(".")
+        if parts[-1] in skip:
+            continue
         leaf = _lora_leaf(parts)
         if leaf is None and "lora_" in key:
             raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B, lora_embedding_A/B and DoRA's "
@@ -319,7 +326,7 @@ def import_peft(directory: str, *, trust_weights: bool = False, base_params: Map
     if not isinstance(cfg, dict):
         raise ValueError(f"{config_path} is not a JSON object")
     config = lora_config_from_peft(cfg)
-    flat, keys = _adapter_tree(_read_state(directory))
+    flat, keys = _adapter_tree(_read_state(directory), TRAINING_ONLY if cfg.get("velora_config") else ())
     excluded = exclusions(cfg.get("exclude_modules"), flat, keys)
     if excluded:
         flat, keys = drop_excluded(excluded, flat, keys, CONFIG_NAME if not trust_weights else None)

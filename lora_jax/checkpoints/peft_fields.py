@@ -74,7 +74,7 @@ PEFT_LORA_FIELDS: dict[str, FieldRule] = {
     "lora_ga_config": _rule(METADATA, "LoRA-GA initialisation settings; init_lora_weights='lora_ga' itself is refused"),
     "use_dora": _rule(HONOURED, "DoRA's magnitude vector (lora_magnitude_vector)"),
     "velora_config": _rule(WARNED, "VeLoRA changes only the backward pass (compressed activations): the forward is "
-                           "LoRA's; lora_jax trains without it"),
+                           "LoRA's; lora_jax skips its lora_velora_embed buffers and trains without it"),
     "alora_invocation_tokens": _rule(REFUSED, "activated LoRA applies the adapter only from the invocation tokens on; "
                                      "lora_jax applies it to every token"),
     "use_qalora": _rule(REFUSED, "QA-LoRA pools the adapter input in groups", False),
@@ -92,7 +92,7 @@ PEFT_LORA_FIELDS: dict[str, FieldRule] = {
 }
 
 TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-HONOURED_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+HONOURED_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
 _RESIDUAL_INIT = re.compile(r"pissa(_niter_\d+)?|olora|corda|lora_ga")
 
 
@@ -101,7 +101,7 @@ def _inert(value: Any, inert: tuple) -> bool:
 
 
 def _init_problem(init: Any) -> str | None:
-    if init in HONOURED_INITS and (isinstance(init, bool) or isinstance(init, str)):
+    if init in HONOURED_INITS and (init is None or isinstance(init, (bool, str))):
         return None
     if isinstance(init, str) and _RESIDUAL_INIT.fullmatch(init):
         return (f"init_lora_weights={init!r}: this adapter was saved without conversion and only applies to PEFT's "
