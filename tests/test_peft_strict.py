@@ -127,6 +127,26 @@ def test_excluded_module_without_weights_is_left_alone(tmp_path, tiny):
     assert "lora_a" not in params["model"]["encoder"]["layers"]["0"]["self_attn"]["q_proj"]
 
 
+LAYER1_KEYS = tuple(f"base_model.model.model.{side}.layers.1.{attn}.{proj}.lora_{ab}.weight"
+                    for side, attn in (("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn"))
+                    for proj in ("q_proj", "v_proj") for ab in "AB")
+
+
+@pytest.mark.parametrize("pattern", [None, "layers", ["h", "layers"]])
+def test_layers_to_transform_selects_layers_as_peft_does(tmp_path, tiny, pattern):
+    with pytest.raises(ValueError, match=r"layers\.1\..*lora_A\.weight: layers_to_transform in adapter_config.json"):
+        import_peft(_adapter(tmp_path, layers_to_transform=[0], layers_pattern=pattern))
+    shutil.rmtree(tmp_path / "adapter")
+    directory = _adapter(tmp_path, drop=LAYER1_KEYS, layers_to_transform=0, layers_pattern=pattern)
+    (adapter, config), messages = _quiet(load_any_adapter, directory, tiny[1], MODEL_DIR)  # no layer-1 weights needed
+    assert not messages and config.is_target(LAYER0_Q) and not config.is_target("model/encoder/layers/1/self_attn/q_proj")
+
+
+def test_layers_to_transform_with_regex_targets_is_refused_as_in_peft(tmp_path):
+    with pytest.raises(ValueError, match="layers_to_transform cannot be used with a regex target_modules"):
+        import_peft(_adapter(tmp_path, target_modules=".*q_proj", layers_to_transform=[0]))
+
+
 def test_null_target_modules_are_peft_defaults_for_bart(tmp_path):
     _, config = import_peft(_adapter(tmp_path, target_modules=None))
     assert set(config.targets) == {"q_proj", "v_proj"}

@@ -21,13 +21,8 @@ from lora_jax.checkpoints.adapter import base_fingerprint, check_adapter_fits, c
 from lora_jax.checkpoints.files import MODEL_FILES, atomic_write, refuse_mixed_directory
 from lora_jax.checkpoints.hf import torch_key
 from lora_jax.checkpoints.peft_fields import checked_numbers, field_problems
-from lora_jax.checkpoints.peft_weights import (
-    config_from_weights,
-    drop_excluded,
-    exclusions,
-    missing_targets,
-    reconcile_config,
-)
+from lora_jax.checkpoints.peft_selection import check_selection_fields, drop_deselected, missing_targets, narrows_targets
+from lora_jax.checkpoints.peft_weights import config_from_weights, reconcile_config
 from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.transform import (
@@ -189,6 +184,7 @@ def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
     for message in warns:
         warnings.warn(f"PEFT adapter: {message}", stacklevel=3)
     numbers = checked_numbers(cfg)
+    check_selection_fields(cfg)
     targets = cfg.get("target_modules")
     if targets is None:  # PEFT's default for BART (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bart"])
         targets = list(BART_DEFAULT_TARGETS)
@@ -310,10 +306,11 @@ def import_peft(directory: str, *, trust_weights: bool = False, base_params: Map
 
     Every adapter_config.json field is honoured, refused or warned about (`peft_fields.PEFT_LORA_FIELDS`). The config
     is checked against the weights: each adapted module's rank (lora_A's rows) must be the rank the config gives it,
-    each adapted module must be a target and not in exclude_modules, each target must have weights, and
-    modules_to_save must be exactly the saved modules; the first contradiction is a ValueError naming the key.
-    trust_weights=True instead takes ranks and targets from the weights (the scale is then alpha / the weights' rank;
-    weights of excluded modules are dropped, as PEFT drops them) and warns.
+    each adapted module must be one PEFT adapts (a target, not taken away by exclude_modules, modules_to_save or
+    layers_to_transform), each target must have weights, and modules_to_save must be exactly the saved modules; the
+    first contradiction is a ValueError naming the key. trust_weights=True instead takes ranks and targets from the
+    weights (the scale is then alpha / the weights' rank; weights of modules PEFT does not adapt are dropped, as PEFT
+    drops them) and warns.
 
     base_params (the frozen base the adapter is for): every module of it the config targets must have weights (a
     ValueError naming the module), shapes must fit, and a base other than the adapter's warns (`check_peft_base`);
@@ -327,18 +324,16 @@ def import_peft(directory: str, *, trust_weights: bool = False, base_params: Map
         raise ValueError(f"{config_path} is not a JSON object")
     config = lora_config_from_peft(cfg)
     flat, keys = _adapter_tree(_read_state(directory), TRAINING_ONLY if cfg.get("velora_config") else ())
-    excluded = exclusions(cfg.get("exclude_modules"), flat, keys)
-    if excluded:
-        flat, keys = drop_excluded(excluded, flat, keys, CONFIG_NAME if not trust_weights else None)
+    flat, keys, dropped = drop_deselected(cfg, flat, keys, CONFIG_NAME if not trust_weights else None)
     config = reconcile_config(config, flat, keys, CONFIG_NAME if not trust_weights else None)
     if base_params is not None:
-        missing = missing_targets(config, cfg.get("exclude_modules"), flat, base_params)
+        missing = missing_targets(config, cfg, flat, base_params)
         if missing:
             raise ValueError(f"PEFT adapter in {directory} has no lora_A / lora_B for {missing[0]}, which target_modules "
                              f"{list(config.targets)} selects in this base ({len(missing)} such modules; PEFT would "
                              "leave them at their initial values): the adapter was made for another base, or its "
                              "weights file is incomplete")
-    if cfg.get("exclude_modules"):  # exact targets from the weights, so the config alone selects what PEFT adapted
+    if dropped or narrows_targets(cfg):  # exact targets from the weights: the config alone selects what PEFT adapted
         config = config_from_weights(config, flat, keys)
     adapter = unflatten_tree(flat)
     if base_params is not None:

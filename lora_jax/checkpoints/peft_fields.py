@@ -61,8 +61,9 @@ PEFT_LORA_FIELDS: dict[str, FieldRule] = {
     "init_lora_weights": _rule(HONOURED, "True/False/gaussian/eva/orthogonal/mica only decide where training started "
                                "(W + scale*B@A after it); pissa/olora/corda/lora_ga (residual base) and loftq (quantised "
                                "base) adapters apply to a base PEFT changed, and are refused"),
-    "layers_to_transform": _rule(REFUSED, "layer subsets: target layers with a regex in target_modules instead"),
-    "layers_pattern": _rule(REFUSED, "only used with layers_to_transform"),
+    "layers_to_transform": _rule(HONOURED, "only these layer indices of list target_modules, PEFT's index rule; "
+                                 "weights of other layers are refused (trust_weights: dropped, as PEFT drops them)"),
+    "layers_pattern": _rule(HONOURED, "the name before the layer index (layers_to_transform)"),
     "rank_pattern": _rule(HONOURED, "per-module ranks, PEFT's key matching"),
     "alpha_pattern": _rule(HONOURED, "per-module alphas, PEFT's key matching"),
     "megatron_config": _rule(REFUSED, "Megatron parallel layers"),

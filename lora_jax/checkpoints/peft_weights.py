@@ -4,20 +4,18 @@ A hand-edited or mismatched `adapter_config.json` (r=8 over rank-16 weights, tar
 adapted modules, modules_to_save without weights) would import without error and compute something else, or write
 metadata that lies about the adapter. `reconcile_config` finds every such contradiction and either raises naming the
 first key, or (trusting the weights) rebuilds ranks, targets and modules_to_save from the weights with a warning.
-Weights of a module exclude_modules names are refused (or, trusting the weights, dropped as PEFT drops them), and a
-module of the base that the config targets must have weights (`missing_targets`).
+Modules PEFT would not adapt (exclude_modules, layers_to_transform) are `peft_selection`'s.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 import warnings
 from typing import Any, Mapping
 
 from lora_jax.lora.config import LoraConfig, path_matches
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, kernel_modules
+from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B
 from lora_jax.tree import Path, path_str
 
 # PEFT's target_modules shorthand for "every Linear layer but the output head"; the weights say which ones.
@@ -102,56 +100,3 @@ def reconcile_config(config: LoraConfig, flat: Mapping[Path, Any], keys: Mapping
         return config_from_weights(config, flat, keys)
     return config
 
-
-def _dotted(module: str) -> str:
-    return module.replace("/", ".")
-
-
-def is_excluded(exclude: Any, module: str) -> bool:
-    """PEFT's exclude_modules rule for a '/'-joined module path: a string is a regex full-matched against the dotted
-    name; a list matches a name exactly or as a '.'-bounded suffix."""
-    if not exclude:
-        return False
-    name = _dotted(module)
-    if isinstance(exclude, str):
-        return re.fullmatch(exclude, name) is not None
-    return any(name == e or name.endswith("." + e) for e in exclude)
-
-
-def exclusions(exclude: Any, flat: Mapping[Path, Any], keys: Mapping[Path, str]) -> dict[Path, str]:
-    """{adapter leaf path: PEFT key} of the weights that sit in a module `exclude` (PEFT's exclude_modules) names."""
-    if exclude is not None and not isinstance(exclude, str) and not (
-            isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
-        raise ValueError(f"adapter_config.json: exclude_modules must be a regex or a list of module names, got {exclude!r}")
-    if isinstance(exclude, str):
-        try:
-            re.compile(exclude)
-        except re.error as e:
-            raise ValueError(f"adapter_config.json: exclude_modules {exclude!r} is not a valid regex ({e})") from None
-    return {p: keys[p] for p in flat if p[-1] in ADAPTER_LEAVES and is_excluded(exclude, path_str(p[:-1]))}
-
-
-def drop_excluded(excluded: Mapping[Path, str], flat: Mapping[Path, Any], keys: Mapping[Path, str],
-                  source: str | None) -> tuple[dict, dict]:
-    """`flat`, `keys` without the weights of excluded modules, as PEFT loads them (it never adapts those modules, so
-    their weights are unexpected keys it skips). With a `source` (strict) the contradiction is a ValueError instead."""
-    first = sorted(excluded.values())[0]
-    modules = sorted({path_str(p[:-1]) for p in excluded})
-    if source is not None:
-        raise ValueError(f"PEFT config contradicts its weights: {first}: exclude_modules in {source} excludes "
-                         f"{modules[0]} ({len(modules)} such modules), so PEFT would not apply these weights. Fix "
-                         f"{source} (remove the module from exclude_modules, or drop its weights), or pass "
-                         "trust_weights=True to load it as PEFT does, without them")
-    warnings.warn(f"PEFT adapter: exclude_modules excludes {modules[:3]} ({len(modules)} modules) that have weights; "
-                  "dropping those weights, as PEFT does")
-    return ({p: v for p, v in flat.items() if p not in excluded}, {p: k for p, k in keys.items() if p not in excluded})
-
-
-def missing_targets(config: LoraConfig, exclude: Any, flat: Mapping[Path, Any], base_params: Mapping) -> list[str]:
-    """Modules of the base that `config` targets (and exclude_modules does not exclude) but the weights do not adapt:
-    PEFT would wrap them and leave them at their initial values."""
-    if ALL_LINEAR in config.targets:
-        return []
-    adapted = {path_str(p[:-1]) for p in flat if p[-1] == LORA_A}
-    candidates = [m for m, shape in kernel_modules(base_params).items() if len(shape) == 2]
-    return sorted(m for m in candidates if config.is_target(m) and not is_excluded(exclude, m) and m not in adapted)
