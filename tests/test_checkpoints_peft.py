@@ -74,7 +74,7 @@ def test_modules_to_save_use_plain_pytorch_names(tmp_path, tiny):
     assert back.modules_to_save == ("layernorm_embedding",)
 
 
-@pytest.mark.parametrize("field,value,match", [("init_lora_weights", "pissa", "path_initial_model_for_weight_conversion"), ("layers_to_transform", [0], "layers_to_transform"),
+@pytest.mark.parametrize("field,value,match", [("init_lora_weights", "pissa", "path_initial_model_for_weight_conversion"), ("layer_replication", [[0, 1]], "layer_replication"),
                                                ("bias", "all", "bias='none' only"), ("peft_type", "IA3", "not LoRA")])
 def test_unsupported_peft_features_are_refused(field, value, match):
     cfg = json.load(open(os.path.join(PEFT_DIR, "adapter_config.json")))

@@ -17,6 +17,7 @@ from lora_jax import sharding
 from lora_jax.data import load_splits, tokenize
 from lora_jax.generation import GenerationConfig, config_from_model, load_generation_config
 from lora_jax.lora import LoraConfig, LoraModel
+from lora_jax.checkpoints.peft import load_any_adapter
 from lora_jax.lora.residual_init import initial_adapter
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
@@ -104,7 +105,7 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
         raise ValueError("no training data: set data.train_files or data.dataset")
     lora_config = to_lora_config(cfg)
     if adapter_dir is not None:
-        adapter, lora_config, _ = lora_jax.load_adapter(adapter_dir, base_params=params)
+        adapter, lora_config = load_any_adapter(adapter_dir, params, cfg.model.checkpoint)  # lora_jax or PEFT
         params = lora_jax.combine(params, adapter)
     original, initial = None, None
     if adapter_dir is None and lora_config is not None and for_training:

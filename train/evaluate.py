@@ -1,6 +1,7 @@
 """Evaluation: eval loss and ROUGE of beam-search summaries; also a CLI that scores an adapter or a merged model.
 
     python -m train.evaluate --config configs/demo.yaml --adapter runs/demo/adapter --split test --out preds.jsonl
+    python -m train.evaluate --config configs/demo.yaml --adapter out/peft_adapter --split test   # a PEFT adapter
     python -m train.evaluate --config configs/demo.yaml --set model.checkpoint=runs/demo/merged --split test
 """
 
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Score a base model, an adapter, or a merged model with ROUGE on a split.")
     ap.add_argument("--config", required=True, help="run config YAML (model, data, eval sections are used)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    ap.add_argument("--adapter", help="adapter checkpoint directory (Orbax, from save_adapter) to apply to the base")
+    ap.add_argument("--adapter", help="adapter directory to apply to the base: a lora_jax adapter (from training or "
+                    "save_adapter) or a PEFT one (adapter_config.json), as train.summarize accepts")
     ap.add_argument("--split", default="test", choices=["eval", "test"], help="which split to score")
     ap.add_argument("--out", help="write predictions as JSON lines here")
     args = ap.parse_args(argv)

@@ -3,6 +3,10 @@
     python -m train.export --adapter runs/demo/adapter --base data/demo_base --peft out/peft_adapter
     python -m train.export --adapter runs/demo/adapter --base data/demo_base --merged out/merged_model
     python -m train.export --from-peft path/to/peft_adapter --base facebook/bart-base --adapter-out out/adapter
+
+The output directory must be new or empty: an export never writes beside other files (a directory holding a PEFT
+adapter and a merged model would be read as either). --overwrite replaces a non-empty one: the export is written to a
+temporary directory beside it, which then takes its place.
 """
 
 from __future__ import annotations
@@ -11,6 +15,29 @@ import argparse
 import json
 import os
 import sys
+
+DESTINATIONS = ("peft", "merged", "adapter_out")
+
+
+def destination_problem(args) -> str | None:
+    """Why the output directory cannot be written (None: it can), checked before any work is done."""
+    flag = next(f for f in DESTINATIONS if getattr(args, f))
+    out = getattr(args, flag)
+    name = "--" + flag.replace("_", "-")
+    sources = [p for p in (args.adapter, args.from_peft, args.base) if p and os.path.exists(p)]
+    if any(os.path.realpath(out) == os.path.realpath(p) for p in sources):
+        return f"{name} {out} is the directory the export reads from; write the export to another directory"
+    from lora_jax.checkpoints.files import directory_entries
+
+    try:
+        entries = directory_entries(out)
+    except FileExistsError as e:
+        return f"{name}: {e}"
+    if entries and not args.overwrite:
+        held = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        return (f"{name} {out} is not empty (it holds {held}); an export never writes beside other files. Choose a new "
+                "or empty directory, or pass --overwrite to replace this one")
+    return None
 
 
 def main(argv=None) -> int:
@@ -30,10 +57,17 @@ def main(argv=None) -> int:
     dst.add_argument("--merged", help="write the merged model here: model.safetensors (PyTorch layout), "
                      "flax_model.msgpack, config.json, generation_config.json, tokenizer files")
     dst.add_argument("--adapter-out", help="write a lora_jax adapter here (with --from-peft)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the output directory if it is not empty (the new export takes its place whole)")
     args = ap.parse_args(argv)
+    problem = destination_problem(args)
+    if problem:
+        print(f"export failed: {problem}", file=sys.stderr)
+        return 2
 
     import lora_jax
-    from lora_jax.checkpoints.adapter import check_adapter_fits, load_adapter, save_adapter
+    from lora_jax.checkpoints.adapter import load_adapter, save_adapter
+    from lora_jax.checkpoints.files import write_directory
     from lora_jax.checkpoints.merged import export_merged
     from lora_jax.generation import load_generation_config
     from lora_jax.checkpoints.peft import export_peft, import_peft
@@ -43,17 +77,19 @@ def main(argv=None) -> int:
         if args.adapter:
             adapter, config, _ = load_adapter(args.adapter, base_params=base)
         else:
-            adapter, config = import_peft(args.from_peft)
-            check_adapter_fits(adapter, base)
+            adapter, config = import_peft(args.from_peft, base_params=base, base_model=args.base)
         params = lora_jax.combine(base, adapter)
         local_base = args.base if os.path.isdir(args.base) else None
         if args.peft:
-            out = export_peft(args.peft, params, config, args.base)
+            write_directory(args.peft, lambda d: export_peft(d, params, config, args.base, base_params=base))
         elif args.merged:
             gen = load_generation_config(local_base) if local_base else None
-            out = export_merged(args.merged, params, config, model.config, tokenizer_dir=local_base, generation_config=gen)
+            write_directory(args.merged, lambda d: export_merged(d, params, config, model.config, tokenizer_dir=local_base,
+                                                                 generation_config=gen))
         else:
-            out = save_adapter(args.adapter_out, params, config, base_model=args.base, base_params=base)
+            write_directory(args.adapter_out, lambda d: save_adapter(d, params, config, base_model=args.base,
+                                                                     base_params=base))
+        out = next(getattr(args, f) for f in DESTINATIONS if getattr(args, f))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2

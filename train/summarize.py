@@ -87,17 +87,12 @@ def read_rows(lines, text_column: str, adapter_column: str, names, plain_text: b
     return rows
 
 
-def load_any_adapter(directory: str, base):
-    """(adapter tree, LoraConfig) of a PEFT adapter directory (adapter_config.json) or a lora_jax one."""
-    from lora_jax.checkpoints.adapter import check_adapter_fits, load_adapter
-    from lora_jax.checkpoints.peft import import_peft
+def load_any_adapter(directory: str, base, base_model: str | None = None):
+    """(adapter tree, LoraConfig) of a PEFT adapter directory (adapter_config.json) or a lora_jax one, checked
+    against the base (lora_jax.checkpoints.peft.load_any_adapter, which train.evaluate uses too)."""
+    from lora_jax.checkpoints.peft import load_any_adapter as load
 
-    if os.path.exists(os.path.join(directory, "adapter_config.json")):
-        adapter, config = import_peft(directory)
-        check_adapter_fits(adapter, base)
-        return adapter, config
-    adapter, config, _ = load_adapter(directory, base_params=base)
-    return adapter, config
+    return load(directory, base, base_model)
 
 
 def _bucket(length: int, cap: int) -> int:
@@ -146,7 +141,7 @@ def _build_server(args, specs):
     from lora_jax.generation.serving import AdapterServer
 
     model, base = lora_jax.load_pretrained(args.base)
-    loaded = {name: load_any_adapter(directory, base) for name, directory in specs.items()}
+    loaded = {name: load_any_adapter(directory, base, args.base) for name, directory in specs.items()}
     gen = load_generation_config(args.base) if os.path.isdir(args.base) else None
     overrides = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty",
                                                 "no_repeat_ngram_size", "min_length") if getattr(args, k) is not None}

@@ -2,10 +2,12 @@
 
 hf.py       Hugging Face BART checkpoints in and out (`load_pretrained`, also straight into a mesh; `save_pretrained`)
 adapter.py  adapter-only directories (Orbax leaves + JSON metadata): `save_adapter` / `load_adapter`, `base_fingerprint`
-peft.py     PEFT adapters in and out: `import_peft` / `export_peft`
+peft.py     PEFT adapters in and out: `import_peft` / `export_peft`; `load_any_adapter` (a lora_jax or PEFT directory)
+peft_fields.py   every field of PEFT's LoraConfig and how import handles it (honoured, refused, warned), as data
 peft_weights.py  a PEFT config checked against its weights (ranks, targets, modules_to_save)
+peft_selection.py  which modules PEFT adapts (exclude_modules, layers_to_transform), checked against the weights
 merged.py   adapters folded into the base, written as a plain Hugging Face checkpoint: `export_merged`
-files.py    atomic file writes and directory sizes, shared by the writers above
+files.py    atomic file and directory writes, directory sizes, shared by the writers above
 """
 
 from lora_jax.checkpoints.adapter import (
@@ -24,4 +26,4 @@ from lora_jax.checkpoints.hf import (
     save_pretrained,
 )
 from lora_jax.checkpoints.merged import export_merged
-from lora_jax.checkpoints.peft import export_peft, import_peft
+from lora_jax.checkpoints.peft import export_peft, import_peft, load_any_adapter

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from typing import Any, Callable
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
@@ -62,3 +64,47 @@ def damaged_files(directory: str, digests: dict[str, dict]) -> list[str]:
         elif _sha256(path) != want["sha256"]:
             problems.append(f"{rel} holds other bytes than were saved (sha256 differs)")
     return problems
+
+
+def directory_entries(directory: str) -> list[str]:
+    """The names in `directory` ([] when it does not exist); a FileExistsError when it is a file."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory} is a file, not a directory")
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def write_directory(directory: str, write: Callable[[str], Any]) -> Any:
+    """`write(tmp)` fills a fresh directory beside `directory`, which then replaces `directory` (removing what was
+    there). A failure in `write` leaves `directory` untouched; the old directory is moved aside before the new one is
+    renamed into place, so the name never holds a mix of old and new files (a crash between the two renames leaves the
+    old one beside it as `.<name>.old*`)."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp", dir=parent)
+    try:
+        result = write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(directory):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old", dir=parent)
+        os.rename(directory, os.path.join(old, "previous"))
+    os.rename(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MODEL_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def refuse_mixed_directory(directory: str, writing: str, others: tuple[str, ...], kind: str) -> None:
+    """A FileExistsError when `directory` holds files of another kind of checkpoint (`others`, a `kind`): writing
+    `writing` beside them would leave a directory that loads as either."""
+    found = [name for name in directory_entries(directory) if name in others]
+    if found:
+        raise FileExistsError(f"{directory} already holds {kind} ({', '.join(found)}); writing {writing} beside it would "
+                              "leave a directory that loads as either. Write to a new directory, or remove it first")

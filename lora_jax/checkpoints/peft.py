@@ -12,30 +12,35 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from lora_jax.checkpoints.files import atomic_write
+from lora_jax.checkpoints.adapter import base_fingerprint, check_adapter_fits, check_fingerprint, load_adapter
+from lora_jax.checkpoints.files import MODEL_FILES, atomic_write, refuse_mixed_directory
 from lora_jax.checkpoints.hf import torch_key
-from lora_jax.checkpoints.peft_weights import reconcile_config
+from lora_jax.checkpoints.peft_fields import checked_numbers, field_problems
+from lora_jax.checkpoints.peft_selection import check_selection_fields, drop_deselected, missing_targets, narrows_targets
+from lora_jax.checkpoints.peft_weights import config_from_weights, reconcile_config
 from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_MAGNITUDE, adapter_params
+from lora_jax.lora.transform import (
+    ADAPTER_LEAVES,
+    LORA_A,
+    LORA_B,
+    LORA_MAGNITUDE,
+    WEIGHT_LEAVES,
+    adapter_params,
+    split_trainable,
+)
 from lora_jax.tree import flatten_tree, unflatten_tree
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-_UNSUPPORTED = {
-    "layers_to_transform": (None,),
-    "layers_pattern": (None,),
-    "fan_in_fan_out": (False, None),
-    "lora_bias": (False, None),
-    "use_qalora": (False, None),
-    "target_parameters": (None, [],),
-    "trainable_token_indices": (None,),
-    "layer_replication": (None,),
-}
+# lora_jax exports write the base fingerprint here, beside PEFT's files (PEFT ignores other files in the directory)
+BASE_NAME = "lora_jax_base.json"
+BART_DEFAULT_TARGETS = ("q_proj", "v_proj")
 SHARED_MODULE = ("model", "shared")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -134,15 +139,27 @@ def peft_config(config: LoraConfig, base_model_name_or_path: str, modules_to_sav
     }
 
 
-def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, base_model_name_or_path: str) -> str:
+def export_peft(directory: str, params_or_adapter: Mapping, config: LoraConfig, base_model_name_or_path: str,
+                base_params: Mapping | None = None) -> str:
     """Writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads; the
-    tensors keep the adapter's dtype (float32, or bfloat16 for bfloat16 adapters)."""
+    tensors keep the adapter's dtype (float32, or bfloat16 for bfloat16 adapters). When the base is known (in
+    `params_or_adapter`, or `base_params`), `lora_jax_base.json` beside them carries its fingerprint, so importing the
+    adapter on other base weights warns as `load_adapter` does."""
     state = peft_state_dict(params_or_adapter, config)
     flat = flatten_tree(adapter_params(params_or_adapter, config))
     cfg = peft_config(config, base_model_name_or_path, _saved_modules(flat, config))
+    base = split_trainable(base_params if base_params is not None else params_or_adapter, config)[1]
+    has_base = any(p[-1] in WEIGHT_LEAVES for p in flatten_tree(base))
+    refuse_mixed_directory(directory, "a PEFT adapter", MODEL_FILES, "a model checkpoint")
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), save_tensors(state, metadata={"format": "pt"}))
     atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True))
+    fingerprint_path = os.path.join(directory, BASE_NAME)
+    if has_base:
+        meta = {"base_model": str(base_model_name_or_path), "base_fingerprint": base_fingerprint(base)}
+        atomic_write(fingerprint_path, json.dumps(meta, indent=2))
+    elif os.path.exists(fingerprint_path):  # an adapter-only export: no base to vouch for
+        os.remove(fingerprint_path)
     return directory
 
 
@@ -158,34 +175,36 @@ def _leaf_name(module: str, torch_leaf: str) -> str:
 
 
 def lora_config_from_peft(cfg: Mapping[str, Any]) -> LoraConfig:
-    """A LoraConfig from a PEFT adapter_config.json dict; clear errors for what we do not support."""
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"peft_type {cfg.get('peft_type')!r} is not LoRA")
-    for key, allowed in _UNSUPPORTED.items():
-        if cfg.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"PEFT adapter uses {key}={cfg[key]!r}, which lora_jax does not support")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"PEFT adapter trains biases (bias={cfg['bias']!r}); lora_jax supports bias='none' only")
-    if cfg.get("init_lora_weights") in ("pissa", "olora") or str(cfg.get("init_lora_weights")).startswith("pissa_niter_"):
-        raise ValueError(
-            f"this PEFT adapter was initialised with init_lora_weights={cfg['init_lora_weights']!r} and saved without "
-            "conversion: it only applies to PEFT's residual base, not to the original model. Save it again in PEFT with "
-            "save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>) and import that")
-    targets = cfg["target_modules"]
+    """A LoraConfig from a PEFT adapter_config.json dict. Every field is handled as `peft_fields.PEFT_LORA_FIELDS`
+    says: a ValueError naming the first field lora_jax cannot honour, a warning for each it warns about."""
+    errors, warns = field_problems(cfg)
+    if errors:
+        more = f" (and {len(errors) - 1} more: {'; '.join(errors[1:3])})" if len(errors) > 1 else ""
+        raise ValueError(f"PEFT adapter: {errors[0]}{more}")
+    for message in warns:
+        warnings.warn(f"PEFT adapter: {message}", stacklevel=3)
+    numbers = checked_numbers(cfg)
+    check_selection_fields(cfg)
+    targets = cfg.get("target_modules")
+    if targets is None:  # PEFT's default for BART (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bart"])
+        targets = list(BART_DEFAULT_TARGETS)
     if isinstance(targets, str):  # PEFT full-matches a regex against dotted names
         targets = (_our_pattern(targets),)
+    elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"adapter_config.json: target_modules must be a regex or a non-empty list of module names, "
+                         f"got {targets!r}")
     init = cfg.get("init_lora_weights", True)
     return LoraConfig(
-        rank=int(cfg["r"]),
-        alpha=float(cfg["lora_alpha"]),
+        rank=numbers["r"],
+        alpha=numbers["lora_alpha"],
         targets=tuple(targets),
-        dropout=float(cfg.get("lora_dropout") or 0.0),
-        rank_pattern={_our_pattern(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
-        alpha_pattern={_our_pattern(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
-        use_rslora=bool(cfg.get("use_rslora", False)),
+        dropout=numbers["lora_dropout"],
+        rank_pattern={_our_pattern(k): v for k, v in numbers["rank_pattern"].items()},
+        alpha_pattern={_our_pattern(k): v for k, v in numbers["alpha_pattern"].items()},
+        use_rslora=numbers["use_rslora"],
         modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         init="gaussian" if init == "gaussian" else "kaiming_uniform",
-        use_dora=bool(cfg.get("use_dora") or False),
+        use_dora=numbers["use_dora"],
     )
 
 
@@ -221,11 +240,18 @@ def _lora_leaf(parts: list[str]) -> str | None:
     return None
 
 
-def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, str]]:
-    """PEFT state dict -> (flat adapter tree, {flat path: PEFT key}); refuses what lora_jax cannot reproduce."""
+# PEFT buffers that only its training uses: VeLoRA's activation-compression projections (backward pass only)
+TRAINING_ONLY = ("lora_velora_embed",)
+
+
+def _adapter_tree(state: Mapping[str, np.ndarray], skip: tuple[str, ...] = ()) -> tuple[dict, dict[tuple, str]]:
+    """PEFT state dict -> (flat adapter tree, {flat path: PEFT key}); refuses what lora_jax cannot reproduce. Keys
+    whose last part is in `skip` are left out."""
     flat, keys = {}, {}
     for key, value in state.items():
         parts = key.removeprefix(PREFIX).split(".")
+        if parts[-1] in skip:
+            continue
         leaf = _lora_leaf(parts)
         if leaf is None and "lora_" in key:
             raise ValueError(f"unsupported PEFT adapter weight {key!r} (only lora_A/lora_B, lora_embedding_A/B and DoRA's "
@@ -246,18 +272,80 @@ def _adapter_tree(state: Mapping[str, np.ndarray]) -> tuple[dict, dict[tuple, st
     return flat, keys
 
 
-def import_peft(directory: str, *, trust_weights: bool = False) -> tuple[dict, LoraConfig]:
+def _same_name(a: str, b: str) -> bool:
+    """Whether two base names plausibly name one model: 'facebook/bart-base' and '/models/bart-base/' do."""
+    return os.path.basename(str(a).rstrip("/\\")).lower() == os.path.basename(str(b).rstrip("/\\")).lower()
+
+
+def check_peft_base(directory: str, cfg: Mapping, config: LoraConfig, base_params: Mapping, base_model: str | None) -> None:
+    """Warns when the base is not the adapter's: by the fingerprint lora_jax exports write (lora_jax_base.json), else by
+    base_model_name_or_path against `base_model` (PEFT's own files say nothing of the weights)."""
+    fingerprint_path = os.path.join(directory, BASE_NAME)
+    if os.path.exists(fingerprint_path):
+        try:
+            with open(fingerprint_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            meta = e
+        if isinstance(meta, dict) and isinstance(meta.get("base_fingerprint"), dict):
+            check_fingerprint(directory, meta, split_trainable(base_params, config)[1])
+        else:  # the fingerprint only vouches for the base; PEFT's own files are intact, so the adapter still loads
+            warnings.warn(f"{fingerprint_path} is damaged ({meta if isinstance(meta, Exception) else 'no base_fingerprint'})"
+                          ": base not verified", stacklevel=3)
+        return
+    named = cfg.get("base_model_name_or_path")
+    if named and base_model and not _same_name(named, base_model):
+        warnings.warn(f"PEFT adapter in {directory} names base_model_name_or_path {named!r}, but the base given is "
+                      f"{base_model!r}: PEFT's files cannot tell whether these weights are its base, so check that "
+                      "outputs are what was trained", stacklevel=3)
+
+
+def import_peft(directory: str, *, trust_weights: bool = False, base_params: Mapping | None = None,
+                base_model: str | None = None) -> tuple[dict, LoraConfig]:
     """Reads a PEFT LoRA adapter directory -> (our adapter tree of float32 numpy arrays, LoraConfig).
 
-    The config is checked against the weights: each adapted module's rank (lora_A's rows) must be the rank the config
-    gives it, each adapted module must be a target and each target must have weights, and modules_to_save must be
-    exactly the saved modules; the first contradiction is a ValueError naming the key. trust_weights=True instead
-    takes ranks and targets from the weights (the scale is then alpha / the weights' rank) and warns."""
+    Every adapter_config.json field is honoured, refused or warned about (`peft_fields.PEFT_LORA_FIELDS`). The config
+    is checked against the weights: each adapted module's rank (lora_A's rows) must be the rank the config gives it,
+    each adapted module must be one PEFT adapts (a target, not taken away by exclude_modules, modules_to_save or
+    layers_to_transform), each target must have weights, and modules_to_save must be exactly the saved modules; the
+    first contradiction is a ValueError naming the key. trust_weights=True instead takes ranks and targets from the
+    weights (the scale is then alpha / the weights' rank; weights of modules PEFT does not adapt are dropped, as PEFT
+    drops them) and warns.
+
+    base_params (the frozen base the adapter is for): every module of it the config targets must have weights (a
+    ValueError naming the module), shapes must fit, and a base other than the adapter's warns (`check_peft_base`);
+    base_model is the base's name or directory, compared with base_model_name_or_path."""
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
     with open(config_path) as f:
-        config = lora_config_from_peft(json.load(f))
-    flat, keys = _adapter_tree(_read_state(directory))
+        cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    config = lora_config_from_peft(cfg)
+    flat, keys = _adapter_tree(_read_state(directory), TRAINING_ONLY if cfg.get("velora_config") else ())
+    flat, keys, dropped = drop_deselected(cfg, flat, keys, CONFIG_NAME if not trust_weights else None)
     config = reconcile_config(config, flat, keys, CONFIG_NAME if not trust_weights else None)
-    return unflatten_tree(flat), config
+    if base_params is not None:
+        missing = missing_targets(config, cfg, flat, base_params)
+        if missing:
+            raise ValueError(f"PEFT adapter in {directory} has no lora_A / lora_B for {missing[0]}, which target_modules "
+                             f"{list(config.targets)} selects in this base ({len(missing)} such modules; PEFT would "
+                             "leave them at their initial values): the adapter was made for another base, or its "
+                             "weights file is incomplete")
+    if dropped or narrows_targets(cfg):  # exact targets from the weights: the config alone selects what PEFT adapted
+        config = config_from_weights(config, flat, keys)
+    adapter = unflatten_tree(flat)
+    if base_params is not None:
+        check_adapter_fits(adapter, base_params)
+        check_peft_base(directory, cfg, config, base_params, base_model)
+    return adapter, config
+
+
+def load_any_adapter(directory: str, base_params: Mapping, base_model: str | None = None) -> tuple[dict, LoraConfig]:
+    """(adapter tree, LoraConfig) of a PEFT adapter directory (adapter_config.json) or a lora_jax one, checked
+    against `base_params` (shapes: error; other base weights or name: warning)."""
+    if os.path.exists(os.path.join(directory, CONFIG_NAME)):
+        return import_peft(directory, base_params=base_params, base_model=base_model)
+    adapter, config, _ = load_adapter(directory, base_params=base_params)
+    return adapter, config

@@ -4,6 +4,7 @@ A hand-edited or mismatched `adapter_config.json` (r=8 over rank-16 weights, tar
 adapted modules, modules_to_save without weights) would import without error and compute something else, or write
 metadata that lies about the adapter. `reconcile_config` finds every such contradiction and either raises naming the
 first key, or (trusting the weights) rebuilds ranks, targets and modules_to_save from the weights with a warning.
+Modules PEFT would not adapt (exclude_modules, layers_to_transform) are `peft_selection`'s.
 """
 
 from __future__ import annotations
@@ -98,3 +99,4 @@ def reconcile_config(config: LoraConfig, flat: Mapping[Path, Any], keys: Mapping
     if problems or ALL_LINEAR in config.targets:
         return config_from_weights(config, flat, keys)
     return config
+
