@@ -13,6 +13,7 @@ Baselines (rows of data/synopsis, source = "<package>: <description>"):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import numpy as np
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNOPSIS_CONFIG = os.path.join(REPO_ROOT, "configs", "synopsis.yaml")
+_FScore = collections.namedtuple("_FScore", ["fmeasure"])  # the aggregator resamples any namedtuple of scores
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])|\n")
 
 
@@ -31,6 +33,42 @@ def _scorer():
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(list(ROUGE_COLUMNS), use_stemmer=True)
+
+
+def per_example_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """{metric: [F-measure x 100 of each example]} for ROUGE-1/2/L (rounded to 0.01, to keep records small)."""
+    scorer = _scorer()
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {k: [round(100.0 * s[k].fmeasure, 2) for s in scores] for k in ROUGE_COLUMNS}
+
+
+def interval_of_mean(per_example: Sequence[dict[str, Sequence[float]]], *, seed: int = 0,
+                     n_samples: int = 1000) -> dict[str, float]:
+    """95% bootstrap interval (rouge-score's BootstrapAggregator) of the test mean of several runs of one row: each
+    example's scores are first averaged over the runs (seeds), then the examples are resampled.
+    per_example: one {metric: [score per example]} per run, same examples in the same order."""
+    from rouge_score import scoring
+
+    aggregator = scoring.BootstrapAggregator(confidence_interval=0.95, n_samples=n_samples)
+    mean = {k: np.mean([run[k] for run in per_example], axis=0) for k in ROUGE_COLUMNS}
+    for i in range(len(mean[ROUGE_COLUMNS[0]])):
+        aggregator.add_scores({k: _FScore(float(mean[k][i])) for k in ROUGE_COLUMNS})
+    result = _seeded(aggregator.aggregate, seed)
+    out = {"examples": len(mean[ROUGE_COLUMNS[0]])}
+    for k in ROUGE_COLUMNS:
+        out[k], out[k + "_low"], out[k + "_high"] = (float(result[k].mid.fmeasure), float(result[k].low.fmeasure),
+                                                       float(result[k].high.fmeasure))
+    return out
+
+
+def _seeded(fn, seed: int):
+    """fn() with numpy's global generator seeded (the aggregator resamples with it), the caller's state restored."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return fn()
+    finally:
+        np.random.set_state(state)
 
 
 def rouge_with_intervals(predictions: Sequence[str], references: Sequence[str], *, seed: int = 0,
@@ -45,16 +83,11 @@ def rouge_with_intervals(predictions: Sequence[str], references: Sequence[str], 
     scorer, aggregator = _scorer(), scoring.BootstrapAggregator(confidence_interval=0.95, n_samples=n_samples)
     for pred, ref in zip(predictions, references):
         aggregator.add_scores(scorer.score(ref, pred))
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        result = aggregator.aggregate()
-    finally:
-        np.random.set_state(state)
+    result = _seeded(aggregator.aggregate, seed)
     out = {"examples": len(predictions)}
     for k in ROUGE_COLUMNS:
-        out[k] = 100.0 * result[k].mid.fmeasure
-        out[k + "_low"], out[k + "_high"] = 100.0 * result[k].low.fmeasure, 100.0 * result[k].high.fmeasure
+        out[k] = float(100.0 * result[k].mid.fmeasure)
+        out[k + "_low"], out[k + "_high"] = float(100.0 * result[k].low.fmeasure), float(100.0 * result[k].high.fmeasure)
     return out
 
 
@@ -100,7 +133,7 @@ def base_model_predictions(config: str, split: str, overrides: Sequence[str] = (
     from train.config import load_config
     from train.evaluate import summarize
 
-    cfg = load_config(config, ["eval.max_examples=null", "lora.mode=lora", *overrides])
+    cfg = load_config(config, ["eval.max_examples=null", "data.max_eval_examples=null", *overrides])
     run = build(cfg, for_training=False)
     preds, refs, _ = summarize(run.apply_model, run.params, run.tokenizer, run.splits[split], run.cfg, run.gen,
                                run.pad_id, run.start_id)
@@ -112,7 +145,8 @@ def _jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def baseline_table(data_dir: str, *, config: str | None = SYNOPSIS_CONFIG, train_sample: int = 2000) -> dict:
+def baseline_table(data_dir: str, *, config: str | None = SYNOPSIS_CONFIG, train_sample: int = 2000,
+                   max_rows: int | None = None) -> dict:
     """{split: {baseline: rouge_with_intervals}} on validation and test (and the rules on a fixed sample of train,
     which shows how far the held-out descriptions, all unseen in pre-training, differ from the train ones).
     config None skips the base model (it generates for every row: minutes on a CPU)."""
@@ -120,15 +154,29 @@ def baseline_table(data_dir: str, *, config: str | None = SYNOPSIS_CONFIG, train
         mean_words = json.load(f)["mean_target_words"]["train"]
     out = {}
     for split, name in (("validation", "eval"), ("test", "test")):
-        rows = _jsonl(os.path.join(data_dir, f"{split}.jsonl"))
+        rows = _jsonl(os.path.join(data_dir, f"{split}.jsonl"))[:max_rows]
         out[split] = rule_scores(rows, mean_words)
         if config is not None:
-            out[split]["base model (no fine-tuning)"] = rouge_with_intervals(*base_model_predictions(config, name))
+            limit = [f"eval.max_examples={max_rows}"] if max_rows else []
+            out[split]["base model (no fine-tuning)"] = rouge_with_intervals(*base_model_predictions(config, name, limit))
     import pyarrow.parquet as pq
 
-    train = pq.read_table(os.path.join(data_dir, "train.parquet")).to_pylist()[:train_sample]
+    train = pq.read_table(os.path.join(data_dir, "train.parquet")).to_pylist()[:min(train_sample, max_rows or train_sample)]
     out["train sample"] = rule_scores(train, mean_words)
+    if config is not None:
+        out["train sample"]["base model (no fine-tuning)"] = rouge_with_intervals(*base_model_on_rows(config, train))
     return out
+
+
+def base_model_on_rows(config: str, rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """base_model_predictions on any rows {"source", "target"} (written to a temporary file read as the test split)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rows.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"source": r["source"], "target": r["target"]}) + "\n" for r in rows)
+        return base_model_predictions(config, "test", [f"data.test_files={path}"])
 
 
 def main(argv=None) -> int:
