@@ -3,7 +3,8 @@ synopsis from its description): full fine-tuning, LoRA at ranks 1-16 on q,v and 
 at the best LoRA rank, and (when a torch interpreter is given) PEFT LoRA trained side by side at that rank. Same step
 budget for every run; each row's learning rate is chosen on validation ROUGE-L from a sweep that extends itself past
 an edge pick (bench.quality_sweep); test ROUGE-1/2/L with 95% bootstrap intervals; 3 seeds for the main rows.
-Writes QUALITY.md, quality_rouge_vs_params.png and quality.jsonl. Not part of CI (hours on 2 CPU cores).
+Writes QUALITY.md, quality_rouge_vs_params.png and quality.jsonl. Not part of CI: about 50 runs of 1000 steps, each
+with beam search on 3,500 rows, so several hours on 2 CPU cores (an estimate; not yet run whole).
 
     python -m bench.quality                                    # everything (QUALITY.md)
     python -m bench.quality --torch-python /path/to/venv/bin/python   # ... with the PEFT row
@@ -172,7 +173,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=None,
                     help=f"seeds per row (default: {len(SEEDS)} for {', '.join(MAIN_SYSTEMS)}, 1 for the others)")
     ap.add_argument("--torch-python", default=None, help="a Python with torch + peft: adds the PEFT row")
-    ap.add_argument("--quick", action="store_true", help="smoke test: one LoRA row (+ PEFT), one rate, 4 steps on the validation file, 8 eval rows")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: one LoRA row (+ PEFT), one rate, 4 steps on the validation file, 8 eval rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)

@@ -92,7 +92,7 @@ def _data_lines(data_dir: str) -> list[str]:
     with open(path) as f:
         info = json.load(f)
     dates = "; ".join(f"{i['file'].split('_dists_')[-1].split('_main')[0]} {i['date']}" for i in info["index"])
-    return [f"Data: `{data_dir}` ({info['train']:,} train / {info['validation']:,} validation / {info['test']:,} test "
+    return [f"Data: `{os.path.relpath(data_dir)}` ({info['train']:,} train / {info['validation']:,} validation / {info['test']:,} test "
             f"rows; index dates: {dates}). Validation and test descriptions were never in the base's pre-training "
             f"corpus; they are shorter than train's (mean source {info['mean_source_words']['test']:.0f} vs "
             f"{info['mean_source_words']['train']:.0f} words), which the baselines on a train sample below measure."]
@@ -130,7 +130,8 @@ def write_report(records: list[dict], out_dir: str, *, command: str, wall_s: flo
     from train.config import load_config
 
     cfg = load_config(config)
-    data_dir = os.path.dirname(cfg.data.test_files)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_dir = os.path.join(repo, os.path.dirname(cfg.data.test_files))  # relative paths are the repository's
     if baselines is None:
         baselines = baseline_table(data_dir, config=None if quick else config, max_rows=32 if quick else None)
     rows = summarize(records)
