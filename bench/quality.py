@@ -6,8 +6,8 @@ an edge pick (bench.quality_sweep); test ROUGE-1/2/L with 95% bootstrap interval
 Writes QUALITY.md, quality_rouge_vs_params.png and quality.jsonl. Not part of CI: about 50 runs of 1000 steps, each
 with beam search on 3,500 rows, so several hours on 2 CPU cores (an estimate; not yet run whole).
 
-    python -m bench.quality                                    # everything (QUALITY.md)
-    python -m bench.quality --torch-python /path/to/venv/bin/python   # ... with the PEFT row
+    python -m bench.quality                                    # everything (QUALITY.md); PEFT row if torch is here
+    python -m bench.quality --torch-python /path/to/venv/bin/python   # PEFT row from another venv
     python -m bench.quality --systems full lora_r8_qv --steps 200 --out-dir /tmp/q   # a subset
     python -m bench.quality --quick --out-dir /tmp/q           # smoke test: one tiny row, seconds of training
 
@@ -19,6 +19,7 @@ process's lifetime high-water mark: weights, data, compiled steps, beam search) 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -172,7 +173,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--out-dir", default=REPO_ROOT, help="where QUALITY.md, the plot and quality.jsonl go")
     ap.add_argument("--seeds", type=int, default=None,
                     help=f"seeds per row (default: {len(SEEDS)} for {', '.join(MAIN_SYSTEMS)}, 1 for the others)")
-    ap.add_argument("--torch-python", default=None, help="a Python with torch + peft: adds the PEFT row")
+    ap.add_argument("--torch-python", default=None,
+                    help="a Python with torch + peft for the PEFT row (default: this one, if it has both)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: one LoRA row (+ PEFT), one rate, 4 steps on the validation file, 8 eval rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -195,6 +197,8 @@ def main(argv=None) -> None:
     from bench.quality_report import write_report
     from train.config import load_config
 
+    if args.torch_python is None and all(importlib.util.find_spec(m) for m in ("torch", "peft")):
+        args.torch_python = sys.executable
     table = systems()
     names = list(args.systems or (QUICK["systems"] + ["peft"] * bool(args.torch_python) if args.quick else table))
     if args.torch_python is None and "peft" in names:

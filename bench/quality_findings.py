@@ -68,7 +68,8 @@ def goal_findings(rows: list[dict], full: dict | None, baselines: dict) -> list[
                    f"{peft['rougeL_high']:.2f}] (same base, recipe, data order and generation); wall time "
                    f"{mirror['wall_s']:.0f} s vs {peft['wall_s']:.0f} s.")
     elif lora:
-        out.append("Not measured: the PEFT row (run with --torch-python, a Python with torch and peft).")
+        out.append("Not measured: the PEFT row (it needs torch and peft: pip install 'lora_jax[torch]', or pass "
+                   "--torch-python).")
     return out
 
 
