@@ -1,20 +1,25 @@
-"""The LoRA paper's quality table in miniature, on the offline demo task (configs/demo.yaml): full fine-tuning and LoRA
-at ranks 1-16 on q,v and on every attention projection, same step budget, each with its own learning-rate sweep chosen
-on the validation split and reported on the test split; 3 seeds for the main rows. Writes QUALITY.md and
-quality_rouge_vs_params.png. Not part of CI (about an hour on 2 CPU cores).
+"""The LoRA paper's quality table in miniature, on the synopsis task (configs/synopsis.yaml: write a Debian package's
+synopsis from its description): full fine-tuning, LoRA at ranks 1-16 on q,v and on every linear layer, DoRA and PiSSA
+at the best LoRA rank, and (when a torch interpreter is given) PEFT LoRA trained side by side at that rank. Same step
+budget for every run; each row's learning rate is chosen on validation ROUGE-L from a sweep that extends itself past
+an edge pick (bench.quality_sweep); test ROUGE-1/2/L with 95% bootstrap intervals; 3 seeds for the main rows.
+Writes QUALITY.md, quality_rouge_vs_params.png and quality.jsonl. Not part of CI: about 50 runs of 1000 steps, each
+with beam search on 3,500 rows, so several hours on 2 CPU cores (an estimate; not yet run whole).
 
-    python -m bench.quality                       # everything; JSON lines on stdout, results in QUALITY.md
-    python -m bench.quality --systems full lora_r8_qv --steps 100 --out-dir /tmp/q   # a subset, quicker
+    python -m bench.quality                                    # everything (QUALITY.md); PEFT row if torch is here
+    python -m bench.quality --torch-python /path/to/venv/bin/python   # PEFT row from another venv
+    python -m bench.quality --systems full lora_r8_qv --steps 200 --out-dir /tmp/q   # a subset
+    python -m bench.quality --quick --out-dir /tmp/q           # smoke test: one tiny row, seconds of training
 
 Each system runs in its own child process (python -m bench.quality --child SPEC), so its peak memory (RSS, the
 process's lifetime high-water mark: weights, data, compiled steps, beam search) is its own. A run is
-`train.loop.train` itself (the demo's code path) with the run's overrides, then a beam-search ROUGE pass on the test
-split with the trained adapter or model.
+`train.loop.train` itself (the demo's code path) with the run's overrides, then beam search on the test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,130 +28,205 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
-TARGETS = {"qv": ["q_proj", "v_proj"], "attn": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+CONFIG = os.path.join(REPO_ROOT, "configs", "synopsis.yaml")
+TARGETS = {"qv": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 RANKS = (1, 2, 4, 8, 16)
 LORA_LRS = (1e-3, 3e-3, 1e-2)
 FULL_LRS = (3e-4, 1e-3, 3e-3)
 PISSA_LRS = (1e-4, 3e-4, 1e-3)  # PiSSA trains W's principal part: it wants smaller steps (its paper: 2e-5 at 7B)
-# The LoRA variants (issue "Beyond plain LoRA"), on every attention projection at r=16: extra run-config overrides.
-VARIANTS = {"dora_r16_attn": (["lora.use_dora=true"], LORA_LRS), "pissa_r16_attn": (["lora.init=pissa"], PISSA_LRS),
-            "olora_r16_attn": (["lora.init=olora"], PISSA_LRS)}
-MAIN_SYSTEMS = ("full", "lora_r8_qv", "lora_r16_attn")  # 3 seeds each
+# Variants at the best plain-LoRA rank and targets (chosen on validation): extra run-config overrides and start sweep.
+VARIANTS = {"dora": (["lora.use_dora=true"], LORA_LRS), "pissa": (["lora.init=pissa"], PISSA_LRS)}
+MAIN_SYSTEMS = ("full", "lora_r8_qv", "lora_r16_all", "peft")  # 3 seeds each
 SEEDS = (0, 1, 2)
+# Full mode scores every validation row (the sweep's choice) and every test row (the table).
+FULL_EVAL = ["eval.max_examples=null", "data.max_eval_examples=null"]
+QUICK = {"systems": ["lora_r2_qv"], "steps": 4, "lrs": [3e-3], "max_extensions": 0,
+         "sets": ["eval.max_examples=8", "data.max_eval_examples=8", "eval.num_beams=1", "eval.max_new_tokens=8",
+                  "train.eval_batch_size=8"]}
 
 
 def systems() -> dict[str, dict]:
-    """name -> {"mode", "rank", "targets", "lrs", "extra"} for every row of the table."""
+    """name -> {"mode", "rank", "targets", "lrs", "extra"} of every fixed row; the variants and PEFT take their
+    rank and targets from the best LoRA row at run time (`at_best_rank`)."""
     out = {"full": {"mode": "full", "rank": None, "targets": None, "lrs": list(FULL_LRS), "extra": []}}
     for tname, targets in TARGETS.items():
         for r in RANKS:
             out[f"lora_r{r}_{tname}"] = {"mode": "lora", "rank": r, "targets": targets, "lrs": list(LORA_LRS), "extra": []}
     for name, (extra, lrs) in VARIANTS.items():
-        out[name] = {"mode": "lora", "rank": 16, "targets": TARGETS["attn"], "lrs": list(lrs), "extra": extra}
+        out[name] = {"mode": "lora", "rank": None, "targets": None, "lrs": list(lrs), "extra": extra}
+    out["peft"] = {"mode": "peft", "rank": None, "targets": None, "lrs": list(LORA_LRS), "extra": []}
     return out
 
 
-def _overrides(spec: dict, lr: float, seed: int, steps: int, out_dir: str) -> list[str]:
-    sets = [f"lora.mode={spec['mode']}", f"optim.learning_rate={lr}", f"train.seed={seed}", f"train.num_steps={steps}",
-            f"train.output_dir={out_dir}", "eval.rouge_before=false", f"train.save_every={steps}",
-            f"train.eval_every={steps}", "eval.num_samples=0", "train.keep_checkpoints=1"]
-    if spec["mode"] == "lora":
+def at_best_rank(spec: dict, records: list[dict]) -> dict:
+    """A variant / PEFT spec with the rank and targets of the plain-LoRA row with the best validation ROUGE-L (its
+    chosen learning rate, seed 0); PEFT also reuses that row's learning rate, so both sides train the same recipe."""
+    lora = [r for r in records if r["system"].startswith("lora_") and r["chosen"] and r["seed"] == 0]
+    if not lora:
+        raise SystemExit(f"{spec['name']} runs at the best LoRA rank: include at least one lora_r* system before it")
+    best = max(lora, key=lambda r: r["validation"]["rougeL"])
+    out = {**spec, "rank": best["rank"], "targets": best["targets"], "best_lora": best["system"]}
+    if spec["mode"] == "peft":
+        out["lrs"] = [best["learning_rate"]]
+    return out
+
+
+def overrides(spec: dict, lr: float, seed: int, out_dir: str) -> list[str]:
+    """The run's config overrides: mode, recipe, and (for LoRA) rank, alpha = 2r, targets."""
+    sets = [f"lora.mode={'full' if spec['mode'] == 'full' else 'lora'}", f"optim.learning_rate={lr}",
+            f"train.seed={seed}", f"train.num_steps={spec['steps']}", f"train.output_dir={out_dir}",
+            "eval.rouge_before=false", f"train.save_every={spec['steps']}", f"train.eval_every={spec['steps']}",
+            "eval.num_samples=0", "train.keep_checkpoints=1", *spec.get("sets", [])]
+    if spec["mode"] != "full":
         sets += [f"lora.rank={spec['rank']}", f"lora.alpha={2 * spec['rank']}", f"lora.targets={json.dumps(spec['targets'])}"]
     return sets + spec.get("extra", [])
 
 
-def run_one(spec: dict, lr: float, seed: int, steps: int, work: str) -> dict:
+def run_one(spec: dict, lr: float, seed: int, work: str) -> dict:
     """Trains one (system, lr, seed) through the demo's code path: validation ROUGE, eval loss, wall time, and where
     the adapter (or model) went."""
     from train.config import load_config
     from train.loop import train
 
     out_dir = os.path.join(work, f"{spec['name']}_lr{lr:g}_s{seed}")
-    cfg = load_config(DEMO_CONFIG, _overrides(spec, lr, seed, steps, out_dir))
+    cfg = load_config(spec["config"], overrides(spec, lr, seed, out_dir))
     start = time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - start
-    return {"system": spec["name"], "learning_rate": lr, "seed": seed, "steps": steps, "eval_loss": summary["eval_loss"],
+    return {"system": spec["name"], "mode": spec["mode"], "rank": spec["rank"], "targets": spec["targets"],
+            "learning_rate": lr, "seed": seed, "steps": spec["steps"], "eval_loss": summary["eval_loss"],
             "validation": summary["rouge_after"], "train_wall_s": wall, "saved": summary["saved"]["path"],
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "train_compilations": summary["train_compilations"]}
 
 
-def test_rouge(spec: dict, record: dict, work: str) -> dict:
-    """ROUGE on the test split of a trained run (its adapter on the base, or its fully fine-tuned model)."""
-    from train.config import load_config
-    from train.evaluate import score
+def test_predictions(spec: dict, record: dict, work: str) -> tuple[list[str], list[str]]:
+    """(predictions, references) on the test split of a trained run (its adapter on the base, or its model)."""
     from train.build import build
+    from train.config import load_config
+    from train.evaluate import summarize
 
-    sets = _overrides(spec, record["learning_rate"], record["seed"], record["steps"], work)
+    sets = overrides(spec, record["learning_rate"], record["seed"], work)
     if spec["mode"] == "full":
-        run = build(load_config(DEMO_CONFIG, sets + [f"model.checkpoint={record['saved']}"]), for_training=False)
+        run = build(load_config(spec["config"], sets + [f"model.checkpoint={record['saved']}"]), for_training=False)
     else:
-        run = build(load_config(DEMO_CONFIG, sets), for_training=False, adapter_dir=record["saved"])
-    scores, *_ = score(run.apply_model, run.params, run.tokenizer, run.splits["test"], run.cfg, run.gen, run.pad_id,
-                       run.start_id)
-    return scores
+        run = build(load_config(spec["config"], sets), for_training=False, adapter_dir=record["saved"])
+    preds, refs, _ = summarize(run.apply_model, run.params, run.tokenizer, run.splits["test"], run.cfg, run.gen,
+                               run.pad_id, run.start_id)
+    return preds, refs
+
+
+def with_test_scores(record: dict, preds: list[str], refs: list[str]) -> dict:
+    """The record with test ROUGE (+ 95% interval) and per-example F-measures (for the seed-averaged interval)."""
+    from bench.quality_rouge import per_example_scores, rouge_with_intervals
+
+    return {**record, "test": rouge_with_intervals(preds, refs), "test_per_example": per_example_scores(preds, refs),
+            "test_samples": [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:5]]}
 
 
 def child(spec: dict, out: str | None) -> None:
-    """One system: its learning-rate sweep (seed 0), then the other seeds at the chosen rate for main rows; test ROUGE
-    for the chosen rate's runs only (the others are never looked at on test)."""
+    """One system: its learning-rate sweep (seed 0, extended past an edge pick), then the other seeds at the chosen
+    rate; test ROUGE for the chosen rate's runs only (the others are never looked at on test)."""
     from bench.common import emit
     from bench.memory import max_rss_bytes
+    from bench.quality_sweep import sweep
     from lora_jax.training.runtime import use_memory_aware_cpu_scheduler
 
     use_memory_aware_cpu_scheduler()
+    runs: dict[float, dict] = {}
     with tempfile.TemporaryDirectory() as work:
-        sweep = [run_one(spec, lr, 0, spec["steps"], work) for lr in spec["lrs"]]
-        best = max(sweep, key=lambda r: r["validation"]["rougeL"])
-        extra = [run_one(spec, best["learning_rate"], s, spec["steps"], work) for s in spec["seeds"] if s != 0]
-        for record in sweep + extra:
-            chosen = record["learning_rate"] == best["learning_rate"]
-            record.update(chosen=chosen, test=test_rouge(spec, record, work) if chosen else None)
-    for record in sweep + extra:
+        def score(lr: float) -> float:
+            runs[lr] = run_one(spec, lr, 0, work)
+            return runs[lr]["validation"]["rougeL"]
+
+        result = sweep(score, spec["lrs"], max_extensions=spec.get("max_extensions", 3))
+        records = [dict(r, chosen=lr == result.best, edge=result.edge) for lr, r in sorted(runs.items())]
+        records += [dict(run_one(spec, result.best, s, work), chosen=True, edge=result.edge)
+                    for s in spec["seeds"] if s != 0]
+        records = [with_test_scores(r, *test_predictions(spec, r, work)) if r["chosen"] else {**r, "test": None}
+                   for r in records]
+    for record in records:
         record.pop("saved")
         emit({**record, "peak_rss_bytes": max_rss_bytes()}, out)
 
 
-def main(argv=None) -> None:
+def _run_child(spec: dict, results: str, torch_python: str | None) -> None:
+    """The system in its own process (PEFT: in the torch interpreter, bench.quality_torch); its records are appended
+    to `results` and echoed on stdout."""
+    before = sum(1 for _ in open(results))
+    if spec["mode"] == "peft":
+        cmd = [torch_python, "-m", "bench.quality_torch", "--spec", json.dumps(spec), "--json-out", results]
+    else:
+        cmd = [sys.executable, "-m", "bench.quality", "--child", json.dumps(spec), "--json-out", results]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=sys.stderr, env=env)
+    with open(results) as f:
+        for line in list(f)[before:]:
+            print(line.strip(), flush=True)
+
+
+def _parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", nargs="*", default=None, help=f"rows to run (default all): {', '.join(systems())}")
-    ap.add_argument("--steps", type=int, default=None, help="train steps per run (default: the demo's)")
+    ap.add_argument("--config", default=CONFIG, help="the task's run config (default: configs/synopsis.yaml)")
+    ap.add_argument("--steps", type=int, default=None, help="train steps per run (default: the config's)")
     ap.add_argument("--out-dir", default=REPO_ROOT, help="where QUALITY.md, the plot and quality.jsonl go")
     ap.add_argument("--seeds", type=int, default=None,
                     help=f"seeds per row (default: {len(SEEDS)} for {', '.join(MAIN_SYSTEMS)}, 1 for the others)")
+    ap.add_argument("--torch-python", default=None,
+                    help="a Python with torch + peft for the PEFT row (default: this one, if it has both)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: one LoRA row (+ PEFT), one rate, 4 steps on the validation file, 8 eval rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _command(args, names: list[str]) -> str:
+    parts = ["python -m bench.quality"] + (["--quick"] if args.quick else [])
+    parts += [] if args.systems is None else ["--systems", *names]
+    parts += [f"--steps {args.steps}"] * bool(args.steps) + [f"--seeds {args.seeds}"] * bool(args.seeds)
+    parts += ["--torch-python PY"] * bool(args.torch_python)
+    return " ".join(parts)
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
     if args.child is not None:
         return child(json.loads(args.child), args.json_out)
     from bench.quality_report import write_report
     from train.config import load_config
 
-    steps = args.steps or load_config(DEMO_CONFIG).train.num_steps
+    if args.torch_python is None and all(importlib.util.find_spec(m) for m in ("torch", "peft")):
+        args.torch_python = sys.executable
     table = systems()
-    names = args.systems or list(table)
+    names = list(args.systems or (QUICK["systems"] + ["peft"] * bool(args.torch_python) if args.quick else table))
+    if args.torch_python is None and "peft" in names:
+        if args.systems is not None:
+            raise SystemExit("the peft row needs --torch-python (a Python with torch and peft installed)")
+        names.remove("peft")
     unknown = sorted(set(names) - set(table))
     if unknown:
         raise SystemExit(f"unknown system(s) {unknown}; choose from {', '.join(table)}")
+    steps = args.steps or (QUICK["steps"] if args.quick else load_config(args.config).train.num_steps)
     os.makedirs(args.out_dir, exist_ok=True)
     results = os.path.join(args.out_dir, "quality.jsonl")
     open(results, "w").close()
     started = time.time()
-    for name in names:
-        seeds = SEEDS[:args.seeds] if args.seeds else SEEDS if name in MAIN_SYSTEMS else SEEDS[:1]
-        spec = {**table[name], "name": name, "steps": steps, "seeds": list(seeds)}
-        before = sum(1 for _ in open(results))
-        subprocess.run([sys.executable, "-m", "bench.quality", "--child", json.dumps(spec), "--json-out", results],
-                       cwd=REPO_ROOT, check=True, stdout=sys.stderr)
-        with open(results) as f:
-            for line in list(f)[before:]:
-                print(line.strip(), flush=True)
+    # Fixed rows first, so the variants and PEFT can take the best LoRA rank from their records.
+    for name in sorted(names, key=lambda n: table[n]["rank"] is None and n != "full"):
+        seeds = SEEDS[:args.seeds or 1] if args.seeds or args.quick else SEEDS if name in MAIN_SYSTEMS else SEEDS[:1]
+        spec = {**table[name], "name": name, "steps": steps, "seeds": list(seeds), "config": args.config,
+                "sets": QUICK["sets"] if args.quick else FULL_EVAL}
+        if args.quick:  # trains on the (small) validation file: nothing to tokenize at scale, nothing measured
+            quick_sets = QUICK["sets"] + [f"data.train_files={load_config(args.config).data.eval_files}"]
+            spec.update(lrs=QUICK["lrs"], max_extensions=QUICK["max_extensions"], sets=quick_sets)
+        if spec["rank"] is None and name != "full":
+            spec = at_best_rank(spec, [json.loads(line) for line in open(results)])
+        _run_child(spec, results, args.torch_python)
     records = [json.loads(line) for line in open(results)]
-    command = "python -m bench.quality" + ("" if args.systems is None else " --systems " + " ".join(names)) + (
-        f" --steps {args.steps}" if args.steps else "") + (f" --seeds {args.seeds}" if args.seeds else "")
-    write_report(records, args.out_dir, command=command, wall_s=time.time() - started)
+    write_report(records, args.out_dir, command=_command(args, names), wall_s=time.time() - started,
+                 config=args.config, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -8,170 +8,173 @@ import os
 import platform
 import statistics
 
-import numpy as np
+from bench.quality_findings import findings
+from bench.quality_rouge import ROUGE_COLUMNS, baseline_table, interval_of_mean
 
-from train.rouge import rouge
-
-ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL")
 PLOT_NAME = "quality_rouge_vs_params.png"
 
 
-def _rows(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def baseline_table(data_dir: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{split: {rule: ROUGE scores}} for the trivial answers (scripts.make_demo_data.baseline_scores)."""
-    from scripts.make_demo_data import baseline_scores
-
-    def score(prediction: str, reference: str):
-        s = rouge([prediction], [reference])
-        return np.array([s[k] for k in ROUGE_COLUMNS])
-
-    out = {}
-    for split in ("validation", "test"):
-        scores = baseline_scores(_rows(os.path.join(data_dir, f"{split}.jsonl")), score)
-        out[split] = {rule: dict(zip(ROUGE_COLUMNS, map(float, v))) for rule, v in scores.items()}
-    return out
-
-
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per system: the chosen learning rate's runs (all seeds) as mean and spread (max - min)."""
+    """One row per system: its chosen learning rate's runs (all seeds). Test ROUGE = the seed-averaged mean with the
+    95% bootstrap interval of that mean over test examples; `*_spread` = max - min over seeds."""
     rows = []
     for name in dict.fromkeys(r["system"] for r in records):
         runs = [r for r in records if r["system"] == name and r["chosen"]]
-        mean = lambda f: statistics.fmean(f(r) for r in runs)
-        spread = lambda f: max(f(r) for r in runs) - min(f(r) for r in runs)
-        row = {"system": name, "seeds": len(runs), "learning_rate": runs[0]["learning_rate"],
-               "trainable_params": runs[0]["trainable_params"],
-               "trainable_percent": 100.0 * runs[0]["trainable_params"] / runs[0]["total_params"],
-               "eval_loss": mean(lambda r: r["eval_loss"]), "validation_rougeL": mean(lambda r: r["validation"]["rougeL"]),
-               "wall_s": mean(lambda r: r["train_wall_s"]), "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        first = runs[0]
+        row = {"system": name, "mode": first.get("mode"), "rank": first.get("rank"), "targets": first.get("targets"),
+               "seeds": len(runs), "learning_rate": first["learning_rate"], "edge": first.get("edge", False),
+               "trainable_params": first["trainable_params"],
+               "trainable_percent": 100.0 * first["trainable_params"] / first["total_params"],
+               "eval_loss": statistics.fmean(r["eval_loss"] for r in runs),
+               "validation_rougeL": statistics.fmean(r["validation"]["rougeL"] for r in runs),
+               "wall_s": statistics.fmean(r["train_wall_s"] for r in runs),
+               "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+               "samples": first.get("test_samples", []),
                "sweep": {r["learning_rate"]: r["validation"]["rougeL"] for r in records if r["system"] == name and r["seed"] == 0}}
+        interval = interval_of_mean([r["test_per_example"] for r in runs])
         for k in ROUGE_COLUMNS:
-            row[k], row[k + "_spread"] = mean(lambda r: r["test"][k]), spread(lambda r: r["test"][k])
+            row[k], row[k + "_low"], row[k + "_high"] = interval[k], interval[k + "_low"], interval[k + "_high"]
+            row[k + "_spread"] = max(r["test"][k] for r in runs) - min(r["test"][k] for r in runs)
         rows.append(row)
     return rows
 
 
-def _fmt(row: dict, k: str) -> str:
-    return f"{row[k]:.2f}" + (f" ± {row[k + '_spread'] / 2:.2f}" if row["seeds"] > 1 else "")
+def _ci(s: dict, k: str) -> str:
+    return f"{s[k]:.2f} [{s[k + '_low']:.2f}, {s[k + '_high']:.2f}]"
 
 
-def findings(rows: list[dict]) -> list[str]:
-    """Plain statements read off the numbers: where LoRA falls short of full fine-tuning, where it catches up."""
-    full = next((r for r in rows if r["system"] == "full"), None)
-    lora = [r for r in rows if r["system"] != "full"]
-    if full is None or not lora:
-        return []
-    out = []
-    best = max(lora, key=lambda r: r["rougeL"])
-    out.append(f"Full fine-tuning: test ROUGE-L {full['rougeL']:.2f}. Best LoRA row: {best['system']} with "
-               f"{best['rougeL']:.2f} ({best['rougeL'] - full['rougeL']:+.2f}) training {best['trainable_percent']:.2f}% "
-               "of the parameters.")
-    for targets in ("qv", "attn"):
-        series = sorted((r for r in lora if _is_lora_series(r, targets)), key=lambda r: r["trainable_params"])
-        if not series:
-            continue
-        short = [r["system"] for r in series if r["rougeL"] < full["rougeL"] - 2.0]
-        caught = next((r for r in series if r["rougeL"] >= full["rougeL"] - 2.0), None)
-        where = "q,v" if targets == "qv" else "q,k,v,out"
-        if caught is None:
-            out.append(f"On {where}, no rank comes within 2 ROUGE-L points of full fine-tuning.")
-        else:
-            out.append(f"On {where}, the lowest rank within 2 ROUGE-L points of full fine-tuning is r={caught['system'].split('_')[1][1:]}"
-                       f" ({caught['rougeL']:.2f}, {caught['trainable_percent']:.2f}% trainable)"
-                       + (f"; below it, {', '.join(short)} fall short." if short else "; every rank does."))
-    return out + variant_findings(rows, full)
+def _label(row: dict) -> str:
+    if row["mode"] == "full":
+        return "full fine-tuning"
+    targets = "q,v" if row["targets"] == ["q_proj", "v_proj"] else "all linear" if len(row["targets"] or []) == 6 else ",".join(row["targets"])
+    return f"r={row['rank']}, {targets}"
 
 
-def _is_lora_series(row: dict, targets: str) -> bool:
-    return row["system"].startswith("lora_") and row["system"].endswith("_" + targets)
-
-
-def variant_findings(rows: list[dict], full: dict) -> list[str]:
-    """DoRA / PiSSA / OLoRA rows against plain LoRA of the same rank and targets and against full fine-tuning."""
-    by_name = {r["system"]: r for r in rows}
-    out = []
-    for r in rows:
-        name = r["system"]
-        if name.startswith("lora_") or name == "full":
-            continue
-        plain = by_name.get("lora_" + name.split("_", 1)[1])
-        versus = f", plain LoRA {plain['rougeL']:.2f} ({r['rougeL'] - plain['rougeL']:+.2f})" if plain else ""
-        out.append(f"{name}: test ROUGE-L {r['rougeL']:.2f} at lr {r['learning_rate']:g}{versus}, full fine-tuning "
-                   f"{full['rougeL']:.2f} ({r['rougeL'] - full['rougeL']:+.2f}).")
-    return out
-
-
-def plot(rows: list[dict], baselines: dict, path: str) -> None:
+def plot(rows: list[dict], baselines: dict, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for targets, label, marker in (("qv", "LoRA on q,v", "o"), ("attn", "LoRA on q,k,v,out", "s")):
-        series = sorted((r for r in rows if _is_lora_series(r, targets)), key=lambda r: r["trainable_params"])
+    def bars(series):
+        return [[r["rougeL"] - r["rougeL_low"] for r in series], [r["rougeL_high"] - r["rougeL"] for r in series]]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for suffix, label, marker in (("_qv", "LoRA on q,v", "o"), ("_all", "LoRA on every linear layer", "s")):
+        series = sorted((r for r in rows if r["system"].startswith("lora_") and r["system"].endswith(suffix)),
+                        key=lambda r: r["trainable_params"])
         if series:
-            ax.plot([r["trainable_params"] for r in series], [r["rougeL"] for r in series], marker=marker, label=label)
+            ax.errorbar([r["trainable_params"] for r in series], [r["rougeL"] for r in series], yerr=bars(series),
+                        marker=marker, capsize=3, label=label)
             for r in series:
-                ax.annotate(f"r={r['system'].split('_')[1][1:]}", (r["trainable_params"], r["rougeL"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, -9))
-    for r, marker in zip([r for r in rows if not r["system"].startswith("lora_") and r["system"] != "full"], "^vDP"):
-        ax.plot([r["trainable_params"]], [r["rougeL"]], marker, ms=8, label=r["system"].replace("_", " "))
-    for r in rows:
-        if r["system"] == "full":
-            ax.errorbar([r["trainable_params"]], [r["rougeL"]], yerr=[r["rougeL_spread"] / 2], fmt="*", ms=12,
-                        color="black", label="full fine-tuning")
-    best_rule = max(baselines["test"].items(), key=lambda kv: kv[1]["rougeL"])
-    ax.axhline(best_rule[1]["rougeL"], ls="--", color="grey", label=f"best trivial rule ({best_rule[0]})")
+                ax.annotate(f"r={r['rank']}", (r["trainable_params"], r["rougeL"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10))
+    others = [r for r in rows if not r["system"].startswith("lora_")]
+    for r, marker in zip(others, "*^vDPX"):
+        ax.errorbar([r["trainable_params"]], [r["rougeL"]], yerr=bars([r]), fmt=marker, ms=10, capsize=3,
+                    label=r["system"] if r["mode"] != "full" else "full fine-tuning")
+    best_name, best = max(baselines["test"].items(), key=lambda kv: kv[1]["rougeL"])
+    ax.axhline(best["rougeL"], ls="--", color="grey", label=f"best baseline ({best_name})")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("test ROUGE-L")
-    ax.set_title("Demo task: ROUGE-L vs trainable parameters")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("test ROUGE-L (95% interval)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(records: list[dict], out_dir: str, *, command: str, wall_s: float,
-                 data_dir: str = "data/demo") -> str:
-    """Writes QUALITY.md and the plot into out_dir; returns the markdown."""
+def _data_lines(data_dir: str) -> list[str]:
+    path = os.path.join(data_dir, "info.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        info = json.load(f)
+    dates = "; ".join(f"{i['file'].split('_dists_')[-1].split('_main')[0]} {i['date']}" for i in info["index"])
+    return [f"Data: `{os.path.relpath(data_dir)}` ({info['train']:,} train / {info['validation']:,} validation / {info['test']:,} test "
+            f"rows; index dates: {dates}). Validation and test descriptions were never in the base's pre-training "
+            f"corpus; they are shorter than train's (mean source {info['mean_source_words']['test']:.0f} vs "
+            f"{info['mean_source_words']['train']:.0f} words), which the baselines on a train sample below measure."]
+
+
+def _table(rows: list[dict], baselines: dict) -> list[str]:
+    lines = ["| system | rank, targets | trainable params | ROUGE-1 | ROUGE-2 | ROUGE-L | val ROUGE-L | lr (chosen) | seeds "
+             "| wall time | peak RSS |", "|---" * 11 + "|"]
+    for r in rows:
+        edge = " (edge)" if r["edge"] else ""
+        lines.append(f"| {r['system']} | {_label(r)} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) | "
+                     f"{_ci(r, 'rouge1')} | {_ci(r, 'rouge2')} | **{_ci(r, 'rougeL')}** | {r['validation_rougeL']:.2f} | "
+                     f"{r['learning_rate']:g}{edge} | {r['seeds']} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
+    for name, s in baselines["test"].items():
+        val = baselines["validation"].get(name, {}).get("rougeL")
+        lines.append(f"| baseline: {name} | — | — | {_ci(s, 'rouge1')} | {_ci(s, 'rouge2')} | {_ci(s, 'rougeL')} | "
+                     f"{val:.2f} | — | — | — | — |" if val is not None else "| — |")
+    return lines
+
+
+def _sweep_lines(rows: list[dict]) -> list[str]:
+    lrs = sorted({lr for r in rows for lr in r["sweep"]})
+    lines = ["| system | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for r in rows:
+        cells = [(f"**{r['sweep'][lr]:.2f}**" if lr == r["learning_rate"] else f"{r['sweep'][lr]:.2f}")
+                 if lr in r["sweep"] else "—" for lr in lrs]
+        lines.append(f"| {r['system']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(records: list[dict], out_dir: str, *, command: str, wall_s: float, config: str,
+                 quick: bool = False, baselines: dict | None = None) -> str:
+    """Writes QUALITY.md and the plot into out_dir; returns the markdown. baselines: bench.quality_rouge's
+    baseline_table (computed here from the config's data when None; quick: rules only, on 32 rows)."""
+    from train.config import load_config
+
+    cfg = load_config(config)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_dir = os.path.join(repo, os.path.dirname(cfg.data.test_files))  # relative paths are the repository's
+    if baselines is None:
+        baselines = baseline_table(data_dir, config=None if quick else config, max_rows=32 if quick else None)
     rows = summarize(records)
-    baselines = baseline_table(data_dir)
-    plot(rows, baselines, os.path.join(out_dir, PLOT_NAME))
+    plot(rows, baselines, os.path.join(out_dir, PLOT_NAME), f"{os.path.basename(config)}: ROUGE-L vs trainable parameters")
     steps = records[0]["steps"] if records else 0
     lines = [
-        "# Quality: LoRA vs full fine-tuning on the demo task",
+        "# Quality: LoRA vs full fine-tuning vs PEFT on the synopsis task",
         "",
         f"Made by `{command}` in {wall_s / 60:.0f} min on {platform.machine()} with {os.cpu_count()} CPU cores, "
-        f"{datetime.date.today().isoformat()}. Task, base and code path: `configs/demo.yaml` (find and write a "
-        "docstring's summary line among its shuffled-in lines, `data/demo`; base `data/demo_base`). Every run: "
-        f"{steps} steps, batch and schedule as the demo; alpha = 2r; learning rate chosen per row by validation ROUGE-L "
-        "from its sweep; scores are test-split ROUGE (beam search as the demo), mean ± half the spread over 3 seeds where "
-        "seeds > 1. Wall time is the whole run (load, train, validation ROUGE); peak memory is the row's process RSS.",
+        f"{datetime.date.today().isoformat()}." + (" **Quick smoke run: not a measurement.**" if quick else ""),
         "",
-        "| system | trainable params | eval loss | ROUGE-1 | ROUGE-2 | ROUGE-L | val ROUGE-L | lr (chosen) | seeds | wall time | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Task, base and code path: `{os.path.relpath(config)}` (source: a Debian package's name and extended description;"
+        " target: its one-line synopsis; base `data/demo_base`). Every run: "
+        f"{steps} steps, batch and schedule as the config; alpha = 2r; the learning rate is chosen per row by validation "
+        "ROUGE-L from a sweep extended past any edge pick (`(edge)` marks a row whose best rate is still an end of its "
+        "sweep). Scores: test ROUGE F-measure x 100, beam search as the config; for rows with several seeds, the mean "
+        "over seeds. Brackets: 95% bootstrap interval of that mean over test examples (rouge-score's "
+        "BootstrapAggregator, 1000 resamples). Wall time: the whole run (load, train, validation ROUGE), mean over seeds; "
+        "peak memory: the row's process RSS.",
+        "",
+        *_data_lines(data_dir),
+        "",
+        *_table(rows, baselines),
+        "",
+        f"![ROUGE-L vs trainable parameters]({PLOT_NAME})",
+        "",
+        "## What the numbers say",
+        "",
+        *[f"- {s}" for s in findings(rows, baselines)],
+        "",
+        "## Learning-rate sweeps (validation ROUGE-L, seed 0; bold: chosen)",
+        "",
+        *_sweep_lines(rows),
     ]
-    for r in rows:
-        lines.append(f"| {r['system']} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) | {r['eval_loss']:.3f} | "
-                     f"{_fmt(r, 'rouge1')} | {_fmt(r, 'rouge2')} | **{_fmt(r, 'rougeL')}** | {r['validation_rougeL']:.2f} | "
-                     f"{r['learning_rate']:g} | {r['seeds']} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
-    for rule, s in baselines["test"].items():
-        lines.append(f"| trivial: {rule} | — | — | {s['rouge1']:.2f} | {s['rouge2']:.2f} | {s['rougeL']:.2f} | "
-                     f"{baselines['validation'][rule]['rougeL']:.2f} | — | — | — | — |")
-    lines += ["", f"![ROUGE-L vs trainable parameters]({PLOT_NAME})", "", "## What the numbers say", ""]
-    lines += [f"- {s}" for s in findings(rows)]
-    lines += ["", "## Learning-rate sweeps (validation ROUGE-L, seed 0)", "", "| system | " + " | ".join(
-        f"lr {lr:g}" for lr in sorted({lr for r in rows for lr in r["sweep"]})) + " |"]
-    all_lrs = sorted({lr for r in rows for lr in r["sweep"]})
-    lines.append("|---" * (len(all_lrs) + 1) + "|")
-    for r in rows:
-        lines.append(f"| {r['system']} | " + " | ".join(f"{r['sweep'][lr]:.2f}" if lr in r["sweep"] else "—" for lr in all_lrs) + " |")
+    if "train sample" in baselines:
+        lines += ["", "## Baselines on a train sample (descriptions the base saw in pre-training)", "",
+                  "| baseline | ROUGE-L train sample | ROUGE-L test |", "|---|---|---|"]
+        lines += [f"| {k} | {_ci(s, 'rougeL')} | {_ci(baselines['test'][k], 'rougeL')} |"
+                  for k, s in baselines["train sample"].items() if k in baselines["test"]]
+    best = max((r for r in rows if r["samples"]), key=lambda r: r["rougeL"], default=None)
+    if best is not None:
+        lines += ["", f"## Test samples ({best['system']})", ""]
+        lines += [f"- prediction: {s['prediction']!r} / reference: {s['reference']!r}" for s in best["samples"]]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "QUALITY.md"), "w") as f:
         f.write(text)

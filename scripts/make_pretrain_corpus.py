@@ -20,9 +20,21 @@ import random
 import subprocess
 
 
+def read_index(path: str) -> str:
+    """A Translation-en file's text: apt's own reader for its compressed lists (.lz4, .gz, ...), plain read otherwise."""
+    if path.endswith("Translation-en"):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True).stdout
+
+
 def entries(path: str):
     """(package, synopsis, extended-description lines) of each entry in a Translation-en file."""
-    text = subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True).stdout
+    yield from parse_entries(read_index(path))
+
+
+def parse_entries(text: str):
+    """(package, synopsis, extended-description lines) of each entry of a Translation-en file's text."""
     for block in text.split("\n\n"):
         package, desc_lines, in_desc = None, [], False
         for line in block.splitlines():

@@ -18,7 +18,7 @@ def _size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-@pytest.mark.parametrize("path", ["data/demo", "data/pretrain", "data/demo_tokenizer", "data/demo_base"])
+@pytest.mark.parametrize("path", ["data/demo", "data/pretrain", "data/demo_tokenizer", "data/demo_base", "data/synopsis"])
 def test_artefact_exists_and_is_under_20_mb(path):
     assert 0 < _size(path) < LIMIT
 
