@@ -60,5 +60,5 @@ def bench_lora_nf4(spec: BenchSpec) -> dict[str, Any]:
 
 def bench_generate_int8(spec: BenchSpec) -> dict[str, Any]:
     """4-beam search throughput on the int8 base (kernels dequantised inside each decoding step's layers, the tied
-    head block by block)."""
-    return {"base": "int8", **bench_generate(spec, build=lambda s: build_stored_model(s, "int8"))}
+    head block by block). The bytes a step must read count one byte per kernel / head weight (scales not counted)."""
+    return {"base": "int8", **bench_generate(spec, build=lambda s: build_stored_model(s, "int8"), weight_bytes=1.0)}
