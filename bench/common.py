@@ -34,6 +34,10 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "base": dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                  decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
                  dropout=0.1, attention_dropout=0.1, activation_dropout=0.1),
+    # facebook/bart-large's config.json: d 1024, 12+12 layers, 16 heads, FFN 4096, same vocab, positions and dropout.
+    "large": dict(vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                  decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024,
+                  dropout=0.1, attention_dropout=0.1, activation_dropout=0.1),
 }
 
 DEVICES = ("cpu", "gpu")
@@ -47,7 +51,8 @@ def gpu_peak_flops(device_name: str) -> float | None:
 
 
 # Sizes used when --batch / --source-len / --target-len are not given.
-DEFAULT_SHAPES = {"tiny": dict(batch=2, source_len=32, target_len=16), "base": dict(batch=4, source_len=256, target_len=64)}
+DEFAULT_SHAPES = {"tiny": dict(batch=2, source_len=32, target_len=16), "base": dict(batch=4, source_len=256, target_len=64),
+                  "large": dict(batch=4, source_len=256, target_len=64)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ import lora_jax
 from bench.common import (
     BenchSpec, interleaved_median_times, make_batch, median_time, random_leaves, time_generate, time_train_steps,
 )
+from bench.bandwidth import decode_step_bytes, measure_bandwidth
 from bench.memory import memory_fields, start_phase
 from lora_jax.checkpoints.hf import expected_shapes
 from lora_jax.generation import GenerationConfig, generate_padded
@@ -164,7 +165,7 @@ def bench_matmul(spec: BenchSpec) -> dict[str, Any]:
     median, times = median_time(lambda: matmul(x, y).block_until_ready(), max(spec.repeats, 10), warmup=2)
     flops = 2.0 * n**3
     return {"system": "matmul", **backend_fields(), "kind": "matmul", "size": n, "time_s": median, "times_s": times,
-            "flops": flops, "gflops_per_s": flops / median / 1e9}
+            "flops": flops, "gflops_per_s": flops / median / 1e9, **measure_bandwidth(max(spec.repeats, 10))}
 
 
 def random_adapter(params, lora: lora_jax.LoraConfig, seed: int):
@@ -223,9 +224,11 @@ def generation_config(spec: BenchSpec) -> GenerationConfig:
     )
 
 
-def bench_generate(spec: BenchSpec, build=build_model) -> dict[str, Any]:
+def bench_generate(spec: BenchSpec, build=build_model, weight_bytes: float = 4.0) -> dict[str, Any]:
     """Beam-search throughput of `generate_padded` (jitted while_loop with a KV cache) on the base weights (those of
-    `build(spec)`)."""
+    `build(spec)`), and the time of one decoding step: the call minus its prefill (encoder and cross-attention
+    keys/values, timed alone), over the number of steps. `weight_bytes`: bytes per stored decoder / head weight,
+    for the bytes a step must read (bench/bandwidth.py)."""
     model, params = build(spec)
     batch = device_batch(spec)
     cfg = generation_config(spec)
@@ -233,9 +236,20 @@ def bench_generate(spec: BenchSpec, build=build_model) -> dict[str, Any]:
     def run():
         return np.asarray(generate_padded(model, params, batch["input_ids"], batch["attention_mask"], generation_config=cfg))
 
+    def encode_and_cache(p, ids, mask):
+        encoded = model.apply({"params": p}, ids, mask, method="encode")
+        return model.apply({"params": p}, encoded, cfg.total_length, cfg.num_beams, method="init_cache")
+
+    prefill = jax.jit(encode_and_cache)
     phase = start_phase()
     timing = time_generate(run, spec, compile_seconds())
-    return {"system": "jax_generate", **backend_fields(), **timing, **memory_fields(phase, None, device_peak_bytes())}
+    prefill_s, _ = median_time(lambda: jax.block_until_ready(prefill(params, batch["input_ids"], batch["attention_mask"])),
+                               spec.gen_repeats, warmup=1)
+    step_bytes = decode_step_bytes(spec.model_fields(), spec.batch, spec.num_beams, spec.source_len,
+                                   cfg.total_length, weight_bytes, weight_bytes)
+    return {"system": "jax_generate", **backend_fields(), **timing, "prefill_s": prefill_s,
+            "decode_step_s": (timing["time_s"] - prefill_s) / spec.new_tokens, "decode_step_bytes": step_bytes,
+            **memory_fields(phase, None, device_peak_bytes())}
 
 
 def bench_checkpoint(spec: BenchSpec) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 Records = Mapping[str, Mapping[str, Any]]
 PRECISION_SYSTEMS = ("jax_lora_bf16", "jax_lora_int8", "jax_lora_nf4", "jax_generate_int8")
-ROWS = (("jax_lora", "float32"), ("jax_lora_bf16", "bfloat16 (float32 compute)"), ("jax_lora_int8", "int8 kernels"),
+ROWS = (("jax_lora", "float32"), ("jax_lora_bf16", "bfloat16 (float32 compute)"), ("jax_lora_int8", "int8 kernels + token embeddings"),
         ("jax_lora_nf4", "NF4 kernels"))
 
 

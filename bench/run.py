@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.common import DEFAULT_SHAPES, MODEL_SIZES, BenchSpec, cpu_count
 from bench.report import markdown, summary
-from bench.worker import SYSTEMS
+from bench.worker import ALL_SYSTEMS, SYSTEMS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "peft", "transformers", "numpy")
@@ -78,7 +78,7 @@ def run_child(name: str, spec: BenchSpec, timeout: float, quiet: bool) -> dict[s
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as out:
         command = [sys.executable, "-m", "bench.worker", name, "--spec", spec.to_json(), "--out", out.name]
         tail: collections.deque[str] = collections.deque(maxlen=15)
-        print(f"[bench] {name}: {SYSTEMS[name].what}", file=sys.stderr, flush=True)
+        print(f"[bench] {name}: {ALL_SYSTEMS[name].what}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         killer = threading.Timer(timeout, process.kill)  # reading stdout below blocks, so the limit needs a timer

@@ -48,10 +48,17 @@ SYSTEMS: dict[str, System] = {
                           "LoRA train-step compile time: unrolled / scanned cold, scanned from the persistent cache"),
 }
 
+# Systems that `bench.run` does not run by default (it runs SYSTEMS); `python -m bench.gpu` runs them by name.
+EXTRA_SYSTEMS: dict[str, System] = {
+    "gpu_checks": System("bench.gpu_checks", "bench_gpu_checks", (),
+                         "GPU test subset: forward/generation parity vs the CPU, cuDNN attention, bf16"),
+}
+ALL_SYSTEMS: dict[str, System] = {**SYSTEMS, **EXTRA_SYSTEMS}
+
 
 def run_system(name: str, spec: BenchSpec) -> dict:
     """The JSON record of system `name` on `spec` (imports only that system's framework)."""
-    system = SYSTEMS[name]
+    system = ALL_SYSTEMS[name]
     missing = system.missing()
     if missing:
         raise ImportError(f"system {name!r} needs {missing}: pip install 'lora_jax[torch]'")
@@ -66,7 +73,7 @@ def run_system(name: str, spec: BenchSpec) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("system", choices=sorted(SYSTEMS))
+    parser.add_argument("system", choices=sorted(ALL_SYSTEMS))
     parser.add_argument("--spec", default="{}", help="BenchSpec as JSON (default: the tiny model's defaults)")
     parser.add_argument("--out", default=None, help="append the JSON line to this file instead of printing it")
     args = parser.parse_args(argv)

@@ -23,9 +23,9 @@ SMOKE_ARGS = ["--model", "tiny", "--steps", "1", "--warmup", "1", "--repeats", "
               "--target-len", "4", "--quiet"]
 REQUIRED = {
     "train": ("step_time_s", "first_step_s", "peak_memory_bytes", "first_loss", "trainable_params"),
-    "matmul": ("time_s", "gflops_per_s"),
+    "matmul": ("time_s", "gflops_per_s", "bandwidth_gb_per_s", "sum_gb_per_s", "matvec_gb_per_s"),
     "forward": ("base_s", "merged_s", "unmerged_s", "merged_over_base", "peak_memory_bytes"),
-    "generate": ("time_s", "tokens_per_s", "peak_memory_bytes"),
+    "generate": ("time_s", "tokens_per_s", "peak_memory_bytes", "prefill_s"),
     "checkpoint": ("adapter_bytes", "full_safetensors_bytes", "adapter_over_full"),
     "compile": ("unrolled_cold_s", "scanned_cold_s", "scanned_cached_s", "scanned_cold_compilations"),
 }
@@ -53,7 +53,7 @@ def test_stdout_is_json_lines_then_tables(smoke_run):
     assert lines[0]["system"] == "environment" and lines[-1]["system"] == "summary"
     assert [line["system"] for line in lines[1:-1]] == list(SYSTEMS)
     assert saved == lines
-    for heading in ("### Training step", "### Inference", "### Checkpoint size", "### Compile time", "### Targets (issues 6 and 15)"):
+    for heading in ("### Training step", "### Inference", "### Checkpoint size", "### Compile time", "### Targets (issues 6, 15 and 25)"):
         assert heading in stdout
     for target in TARGETS:
         assert f"| {target.name} |" in stdout
@@ -114,7 +114,7 @@ FAKE = {
         ("LoRA step time / PEFT LoRA step time", 0.5, "met"),
         ("LoRA peak memory / PEFT LoRA peak memory", 0.5, "met"),
         ("LoRA peak memory / lora_jax full FT peak memory", 0.4, "missed"),
-        ("LoRA step GFLOP/s / same-run matmul GFLOP/s", 0.8, "missed"),
+        ("LoRA step GFLOP/s / same-run matmul GFLOP/s", 0.8, "met"),
         ("merged forward latency / base forward latency", 1.05, "missed"),
         ("beam search tokens/s / transformers PyTorch tokens/s", None, "n/a"),
     ],
@@ -200,3 +200,29 @@ def test_gpu_mode_without_a_gpu_says_so():
 def test_spec_rejects_an_unknown_device():
     with pytest.raises(ValueError, match="--device must be one of"):
         BenchSpec(device="tpu")
+
+
+def test_decode_step_bytes_by_hand():
+    from bench.bandwidth import decode_step_bytes
+
+    fields = dict(d_model=8, decoder_layers=2, decoder_ffn_dim=16, vocab_size=100)
+    parts = decode_step_bytes(fields, batch=3, beams=2, source_len=5, length=7)
+    assert parts["decoder_weights"] == 2 * (6 * 64 + 2 * 8 * 16) * 4 + 2 * (13 * 8 + 16) * 4
+    assert parts["lm_head"] == 100 * 8 * 4 + 100 * 4
+    assert parts["self_cache"] == 2 * 2 * 3 * 2 * 7 * 8 * 4  # k and v, layers, hypotheses, every slot, d, float32
+    assert parts["cross_cache"] == 2 * 2 * 3 * 5 * 8 * 4  # one row per input, shared by its beams
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    int8 = decode_step_bytes(fields, 3, 2, 5, 7, kernel_bytes=1, head_bytes=1)
+    assert int8["lm_head"] == 100 * 8 + 100 * 4 and int8["decoder_weights"] == 2 * (6 * 64 + 2 * 8 * 16) + 2 * (13 * 8 + 16) * 4
+
+
+def test_decode_floor_and_non_matmul_share_from_records():
+    from bench.report import decode_floor, non_matmul_share
+
+    records = {**FAKE, "matmul": {"gflops_per_s": 10.0, "bandwidth_gb_per_s": 2.0},
+               "jax_generate": {"decode_step_s": 0.03, "decode_step_bytes": {"total": 4e7}}}
+    floor = decode_floor(records, "jax_generate")
+    assert floor["floor_s"] == pytest.approx(0.02) and floor["step_over_floor"] == pytest.approx(1.5)
+    result = {t["target"]: t for t in summary(records)["targets"]}["beam search decode step / its memory-bandwidth floor"]
+    assert result["status"] == "missed" and result["value"] == pytest.approx(1.5)
+    assert non_matmul_share(records, "jax_lora") == pytest.approx(1 - 8.0 / 10.0)  # 8 GFLOP/s of a 10 GFLOP/s matmul

@@ -28,7 +28,7 @@ import flax.linen as nn
 
 from lora_jax.models.attention import BartAttention, causal_bias, check_attention, padding_bias
 from lora_jax.models.config import BartConfig
-from lora_jax.quantization import Dense
+from lora_jax.quantization import Dense, Embed
 from lora_jax.models.layer_stack import REMAT_POLICIES, LayerStack, remat_policy  # noqa: F401 (re-exported)
 
 Array = jax.Array
@@ -251,7 +251,7 @@ class BartDecoder(_Stack):
 def _embedding(c: BartConfig, dtype, param_dtype, name: str) -> nn.Embed:
     """A (vocab_size, d_model) token embedding with BART's normal(init_std) init."""
     init = nn.initializers.normal(c.init_std)
-    return nn.Embed(c.vocab_size, c.d_model, embedding_init=init, dtype=dtype, param_dtype=param_dtype, name=name)
+    return Embed(c.vocab_size, c.d_model, embedding_init=init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BartModule(nn.Module):

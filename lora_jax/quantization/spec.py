@@ -1,8 +1,8 @@
 """Which leaves of a parameter tree are stored quantised, and the tree transforms: `quantize_base`, `dequantize_tree`.
 
-`quantize_base(params, spec)` replaces every 2-D `kernel` leaf (the `nn.Dense` kernels; not embeddings, biases or
-norms) by an `Int8Kernel` or `NF4Kernel`, one leaf at a time, so no second full-precision copy of the tree is made
-beyond the one passed in. `quantize_leaf(path, value, spec)` is the same decision for one leaf, for loaders that
+`quantize_base(params, spec)` replaces every 2-D `kernel` leaf (the `nn.Dense` kernels; never biases or norms) by an
+`Int8Kernel` or `NF4Kernel`, and with `QuantSpec(embeddings=True)` the token embeddings by an `Int8Embedding`, one
+leaf at a time, so no second full-precision copy of the tree is made beyond the one passed in. `quantize_leaf(path, value, spec)` is the same decision for one leaf, for loaders that
 convert a checkpoint as they read it.
 """
 
@@ -15,22 +15,26 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lora_jax.quantization.int8 import Int8Kernel, quantize_int8
+from lora_jax.quantization.int8 import Int8Embedding, Int8Kernel, quantize_int8, quantize_int8_rows
 from lora_jax.quantization.nf4 import NF4Kernel, quantize_nf4
 from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
 
 QUANTIZERS = {"int8": quantize_int8, "nf4": quantize_nf4}
-QuantizedKernel = Int8Kernel | NF4Kernel
+QuantizedKernel = Int8Kernel | NF4Kernel | Int8Embedding
+TOKEN_EMBEDDINGS = ("shared", "embed_tokens")  # modules whose `embedding` is a token table (a tied head's kernel)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """method: "int8" (per-output-channel absmax) or "nf4" (QLoRA's 4-bit NormalFloat, blocks of 64, double-quantised
     scales). exclude: module paths (or regexes, matched against the '/'-joined path or a suffix of it at a '/')
-    whose kernels stay unquantised, e.g. modules trained in full."""
+    whose kernels stay unquantised, e.g. modules trained in full. embeddings: also store the token embeddings
+    (`shared` / `embed_tokens`, the tied LM head) as int8 with one scale per row (`Int8Embedding`), whatever
+    `method` the kernels use; positions, biases and norms stay as they are."""
 
     method: str = "int8"
     exclude: tuple[str, ...] = ()
+    embeddings: bool = False
 
     def __post_init__(self):
         if self.method not in QUANTIZERS:
@@ -38,11 +42,14 @@ class QuantSpec:
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def applies_to(self, path: Path, shape: tuple[int, ...]) -> bool:
-        """True for a 2-D `kernel` leaf whose module is not excluded."""
-        if path[-1] != "kernel" or len(shape) != 2:
+        """True for a 2-D `kernel` leaf (or, with `embeddings`, a token table) whose module is not excluded."""
+        if len(shape) != 2 or not (path[-1] == "kernel" or self.is_token_embedding(path)):
             return False
         module = path_str(path[:-1])
         return not any(re.fullmatch(rf"(?:.*/)?(?:{p})", module) for p in self.exclude)
+
+    def is_token_embedding(self, path: Path) -> bool:
+        return self.embeddings and len(path) >= 2 and path[-1] == "embedding" and path[-2] in TOKEN_EMBEDDINGS
 
 
 def as_spec(spec: QuantSpec | str | None) -> QuantSpec | None:
@@ -51,14 +58,14 @@ def as_spec(spec: QuantSpec | str | None) -> QuantSpec | None:
 
 
 def is_quantized(leaf: Any) -> bool:
-    return isinstance(leaf, (Int8Kernel, NF4Kernel))
+    return isinstance(leaf, (Int8Kernel, NF4Kernel, Int8Embedding))
 
 
 def quantize_leaf(path: Path, value: Any, spec: QuantSpec | None) -> Any:
     """`value` quantised when `spec` applies to (path, its shape), else `value` itself."""
     if spec is None or not spec.applies_to(path, tuple(value.shape)):
         return value
-    return QUANTIZERS[spec.method](value)
+    return quantize_int8_rows(value) if spec.is_token_embedding(path) else QUANTIZERS[spec.method](value)
 
 
 def quantize_base(params: Mapping, spec: QuantSpec | str) -> dict:

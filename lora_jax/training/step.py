@@ -96,11 +96,15 @@ def create_train_state(
 def token_losses(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Per-token label-smoothed cross-entropy (B, T) and the 0/1 mask of counted tokens (labels != IGNORE).
 
-    With smoothing e over V classes: (1 - e) * nll + e * mean_v(-log p_v), as in PyTorch's CrossEntropyLoss."""
+    With smoothing e over V classes: (1 - e) * nll + e * mean_v(-log p_v), as in PyTorch's CrossEntropyLoss.
+    Written with logsumexp (nll = lse - logit[label], mean_v(-log p_v) = lse - mean_v(logit)) rather than through
+    log_softmax, so no (B, T, V) array of log-probabilities is materialised beside the logits: one vocabulary-wide
+    float32 buffer less at the train step's peak (49 MiB at bart-base size, batch 4 x 64 targets)."""
     mask = labels != IGNORE
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
-    loss = nll if label_smoothing == 0.0 else (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    loss = nll if label_smoothing == 0.0 else (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1))
     return jnp.where(mask, loss, 0.0), mask.astype(jnp.float32)
 
 
