@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax.generation import GenerationConfig, generate, process_scores
+from lora_jax.generation import GenerationConfig, generate, num_compilations, process_scores
 from lora_jax.serving import AdapterServer
 from tests.conftest import MODEL_DIR
 from tests.multi_helpers import adapters_for
@@ -113,9 +113,11 @@ def test_sampling_that_keeps_one_token_is_greedy(tiny, greedy_ids, settings):
 def test_same_key_same_output(tiny, greedy_ids):
     model, params = tiny
     settings = dict(SAMPLE, temperature=1.5, top_k=0, num_return_sequences=3)
+    before = num_compilations()
     first = generate(model, params, IDS, MASK, prng_key=jax.random.PRNGKey(0), **settings)
     again = generate(model, params, IDS, MASK, prng_key=jax.random.PRNGKey(0), **settings)
     other = generate(model, params, IDS, MASK, prng_key=jax.random.PRNGKey(1), **settings)
+    assert num_compilations() == before + 1  # the key is data: one program for every key
     np.testing.assert_array_equal(first, again)
     assert first.shape[0] == 3 * IDS.shape[0]
     assert not np.array_equal(first[: other.shape[0], : other.shape[1]], other[: first.shape[0], : first.shape[1]])
