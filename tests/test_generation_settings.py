@@ -206,3 +206,16 @@ def test_config_round_trips_through_json(tmp_path):
     assert cfg.bad_words_ids == ((5,), (6, 7)) and cfg.eos_ids == (2, 9)
     again = GenerationConfig.from_dict(json.loads(json.dumps(cfg.to_json_dict())))
     assert again == cfg and hash(again) == hash(cfg)
+
+
+def test_evaluation_inherits_the_checkpoint_settings(tiny):
+    """The run's eval section left null keeps the checkpoint's settings (bart-large-cnn's beams, length penalty,
+    no-repeat n-grams); a value set there wins."""
+    from train.build import generation_settings
+    from train.config import EvalSection, RunConfig
+
+    model, _ = tiny
+    cnn = model.clone(generation_config=GenerationConfig(num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3))
+    assert generation_settings(RunConfig(), cnn) == cnn.generation_config
+    chosen = generation_settings(RunConfig(eval=EvalSection(num_beams=2)), cnn)
+    assert (chosen.num_beams, chosen.length_penalty, chosen.no_repeat_ngram_size) == (2, 2.0, 3)
