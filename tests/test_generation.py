@@ -92,7 +92,7 @@ def test_same_shapes_compile_once(tiny, ref):
     generate(model, params, ref["input_ids"], ref["attention_mask"], generation_config=settings)
     assert num_compilations() == before + 1
     # Other inputs of the same shapes, a fresh but equal model object and an equal settings dict: no recompilation.
-    same_model = lora_jax.BartForConditionalGeneration(model.config)
+    same_model = lora_jax.BartForConditionalGeneration(model.config, generation_config=model.generation_config)
     generate(same_model, params, ref["input_ids"][::-1], ref["attention_mask"][::-1], generation_config=dict(settings))
     assert num_compilations() == before + 1
 
@@ -102,11 +102,16 @@ def test_defaults_come_from_generation_config_json():
     assert cfg == GenerationConfig(forced_eos_token_id=2, decoder_start_token_id=2, eos_token_id=2, pad_token_id=1)
 
 
-def test_generation_config_json_wins_over_config_json(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"num_beams": 4, "min_length": 3, "forced_bos_token_id": 0}))
+def test_generation_config_json_replaces_config_json(tmp_path):
+    """As transformers 5 reads a checkpoint: generation_config.json alone when present (config.json's generation
+    keys are then not read), else config.json's generation keys; special tokens missing from the file from config.json."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_beams": 4, "min_length": 3, "forced_bos_token_id": 0,
+                                                      "pad_token_id": 5, "d_model": 32}))
+    cfg = load_generation_config(str(tmp_path))
+    assert (cfg.num_beams, cfg.min_length, cfg.forced_bos_token_id, cfg.pad_token_id) == (4, 3, 0, 5)
     (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 2, "forced_bos_token_id": None}))
     cfg = load_generation_config(str(tmp_path))
-    assert (cfg.num_beams, cfg.min_length, cfg.forced_bos_token_id, cfg.length_penalty) == (2, 3, None, 1.0)
+    assert (cfg.num_beams, cfg.min_length, cfg.forced_bos_token_id, cfg.length_penalty, cfg.pad_token_id) == (2, 0, None, 1.0, 5)
 
 
 def test_model_config_forces_eos_at_max_length_unless_switched_off(tiny, ref):
@@ -171,8 +176,18 @@ def test_lora_model_generates_like_its_merged_weights(tiny, ref):
         (dict(max_new_tokens=500), ValueError, "max_position_embeddings"),
         (dict(early_stopping="sometimes"), ValueError, "early_stopping"),
         (dict(num_beams=0), ValueError, "num_beams"),
-        (dict(generation_config={"do_sample": True}), ValueError, "do_sample"),
-        (dict(generation_config={"eos_token_id": [2, 3]}), ValueError, "eos_token_id"),
+        (dict(generation_config={"do_sample": True}), ValueError, "prng_key"),
+        (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
+        (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
+        (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5), ValueError, "num_beam_groups"),
+        # a setting that would change the ids and is not implemented, however it arrives
+        (dict(epsilon_cutoff=3e-4), ValueError, "epsilon_cutoff"),
+        (dict(generation_config={"force_words_ids": [[5]]}), ValueError, "force_words_ids"),
+        (dict(generation_config={"guidance_scale": 1.5}), ValueError, "guidance_scale"),
+        # a name lora_jax does not know (a typo) is never dropped
+        (dict(repetition_penality=1.2), ValueError, "repetition_penality"),
+        (dict(generation_config={"topk": 5}), ValueError, "topk"),
+        (dict(bad_words_ids=[]), ValueError, "bad_words_ids"),
         (dict(generation_config="beam4"), TypeError, "generation_config"),
     ],
 )

@@ -4,7 +4,6 @@ splits, generation settings and the optimizer."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import TYPE_CHECKING
 
 import jax
@@ -15,7 +14,8 @@ from jax.sharding import Mesh
 import lora_jax
 from lora_jax import sharding
 from lora_jax.data import load_splits, tokenize
-from lora_jax.generation import GenerationConfig, config_from_model, load_generation_config
+from lora_jax.generation import GenerationConfig
+from lora_jax.generation.config import model_generation_config
 from lora_jax.lora import LoraConfig, LoraModel
 from lora_jax.checkpoints.peft import load_any_adapter
 from lora_jax.lora.residual_init import initial_adapter
@@ -80,13 +80,10 @@ def load_model(cfg: RunConfig, mesh: Mesh) -> tuple[BartForConditionalGeneration
     return model, params if spec is None else quantize_base(params, spec)
 
 
-def generation_settings(cfg: RunConfig, model_config: BartConfig, checkpoint_dir: str | None) -> GenerationConfig:
-    """The checkpoint's generation defaults with the run's eval section on top."""
-    if checkpoint_dir and os.path.isdir(checkpoint_dir):
-        base = load_generation_config(checkpoint_dir)
-    else:
-        base = config_from_model(model_config)
-    return base.replace(**generation_overrides(cfg))
+def generation_settings(cfg: RunConfig, model) -> GenerationConfig:
+    """The model's generation defaults (the checkpoint's, kept by load_pretrained; else its config's) with the
+    run's eval section on top (its fields left null inherit)."""
+    return model_generation_config(model).replace(**generation_overrides(cfg))
 
 
 def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = None) -> Run:
@@ -112,7 +109,7 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
         original = params if lora_config.residual_init else None  # only the adapted kernels are not shared with it
         params = lora_jax.init_lora(params, lora_config, jax.random.PRNGKey(cfg.train.seed + 1), _dtype(cfg.lora.dtype))
         initial = initial_adapter(params) if lora_config.residual_init else None
-    gen = generation_settings(cfg, model.config, cfg.model.checkpoint)
+    gen = generation_settings(cfg, model)
     return Run(cfg, model, params, tokenizer, splits, dropped, lora_config, mesh, gen,
                model.config.pad_token_id, model.config.decoder_start_token_id, initial, original)
 

@@ -71,7 +71,11 @@ def derived_section(name: str, source: type, *, names: typing.Iterable[str] | No
     for f in dataclasses.fields(source):
         if names is None or f.name in names:
             default = defaults.get(f.name, f.default)
-            fields.append((f.name, _yaml_hint(hints[f.name]), dataclasses.field(default=default)))
+            hint = _yaml_hint(hints[f.name])
+            if default is None and f.default is not None:  # null: inherit (e.g. the checkpoint's generation setting)
+                base, constraints = split_annotated(hint)
+                hint = Annotated[(base | None, *constraints)] if constraints else base | None
+            fields.append((f.name, hint, dataclasses.field(default=default)))
     fields += [(n, t, dataclasses.field(default=d)) for n, t, d in extra]
     return dataclasses.make_dataclass(name, fields, frozen=True)
 
@@ -144,11 +148,11 @@ class TrainSection:
     compile_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
 
 
-# `eval`: the beam-search settings of ROUGE evaluation (GenerationConfig fields, on top of the checkpoint's own
-# generation config), and how much to evaluate.
+# `eval`: the generation settings of ROUGE evaluation (GenerationConfig fields on top of the checkpoint's own
+# generation settings; null, the default, keeps the checkpoint's), and how much to evaluate.
 EVAL_GENERATION_FIELDS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
 EvalSection = derived_section("EvalSection", GenerationConfig, names=EVAL_GENERATION_FIELDS,
-                              defaults={"num_beams": 4, "max_new_tokens": 64}, extra=[
+                              defaults=dict.fromkeys(EVAL_GENERATION_FIELDS), extra=[
     ("num_samples", Annotated[int, Ge(0)], 3),  # sample summaries printed and written to samples.txt
     ("rouge_before", bool, True),  # also score the model before training
     ("max_examples", Annotated[int | None, Ge(1)], 200),  # rows of the eval split scored with ROUGE (None: all)

@@ -6,7 +6,8 @@
 
 Input rows are JSON objects {"text": ..., "adapter": NAME} (a row without "adapter", or with null, uses the base);
 from stdin (no --input, or --input -) a line that is not a JSON object is taken as the text itself. Output rows are
-the input rows plus "summary", in input order. Generation settings default to the base's generation_config.json.
+the input rows plus "summary", in input order. Generation settings default to the base checkpoint's (its
+generation_config.json, else the generation keys of its config.json).
 lora_jax adapter directories and PEFT ones (adapter_config.json) are both accepted.
 """
 
@@ -137,15 +138,14 @@ def summarize_rows(server, tokenizer, rows, args, progress=None) -> tuple[list[s
 
 def _build_server(args, specs):
     import lora_jax
-    from lora_jax.generation import load_generation_config
     from lora_jax.generation.serving import AdapterServer
 
     model, base = lora_jax.load_pretrained(args.base)
     loaded = {name: load_any_adapter(directory, base, args.base) for name, directory in specs.items()}
-    gen = load_generation_config(args.base) if os.path.isdir(args.base) else None
     overrides = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty",
                                                 "no_repeat_ngram_size", "min_length") if getattr(args, k) is not None}
-    server = AdapterServer(model, base, gen, adapters={n: a for n, (a, _) in loaded.items()},
+    # generation settings: the base checkpoint's (load_pretrained keeps them with the model), flags on top
+    server = AdapterServer(model, base, adapters={n: a for n, (a, _) in loaded.items()},
                            configs={n: c for n, (_, c) in loaded.items()}, slots=max(len(loaded), 1),
                            method=args.method, **overrides)
     return server, lora_jax.load_tokenizer(args.base)

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from lora_jax import sharding
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.checkpoints.safetensors_io import SAFE_INDEX, SAFE_WEIGHTS, LazySafetensors
+from lora_jax.generation.config import GenerationConfig, load_generation_config
 from lora_jax.lora.transform import ADAPTER_LEAVES
 from lora_jax.models.bart import BartForConditionalGeneration, activation
 from lora_jax.models.config import BartConfig
@@ -275,6 +276,11 @@ def load_pretrained(
 ) -> tuple[BartForConditionalGeneration, dict]:
     """Loads a BART checkpoint -> (model, params).
 
+    The checkpoint's generation settings (`generation_config.json`, else the generation keys of `config.json`, as
+    transformers reads them) are kept as `model.generation_config`: `generate(model, params, ids, mask)` and
+    `AdapterServer(model, base)` use them unless overridden, and `save_pretrained(dir, params, model)` writes them
+    back. A generation setting lora_jax does not implement raises here, naming it.
+
     dtype: the model's computation dtype (float32 default, bfloat16 allowed).
     param_dtype: the dtype the weights are stored in (default: `dtype`); e.g. bfloat16 weights computing in float32.
     quantize: "int8", "nf4" or a `QuantSpec`: every Dense kernel is stored quantised (`lora_jax.quantization`).
@@ -289,7 +295,10 @@ def load_pretrained(
     config = BartConfig.from_pretrained(directory)
     activation(config.activation_function)  # an unsupported activation fails here, naming it, not at the first call
     param_dtype = dtype if param_dtype is None else param_dtype
-    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=param_dtype)
+    # The checkpoint's generation settings travel with the model: generate / AdapterServer use them by default.
+    generation_config = load_generation_config(directory)
+    model = BartForConditionalGeneration(config, dtype=dtype, param_dtype=param_dtype,
+                                         generation_config=generation_config)
     convert = None
     if quantize is not None or jnp.dtype(param_dtype) != jnp.float32:
         convert = leaf_converter(param_dtype, as_spec(quantize), on_device=mesh is None)
@@ -308,10 +317,22 @@ def load_tokenizer(path_or_hub_id: str):
     return AutoTokenizer.from_pretrained(resolve(str(path_or_hub_id)))
 
 
+def _generation_json(generation_config) -> dict | None:
+    """What generation_config.json holds; a dict is checked first (a setting lora_jax would refuse on loading is
+    refused before anything is written)."""
+    if generation_config is None:
+        return None
+    if isinstance(generation_config, GenerationConfig):
+        return generation_config.to_json_dict()
+    settings = dict(generation_config)
+    GenerationConfig.from_dict(settings, where="save_pretrained generation_config")
+    return settings
+
+
 def save_pretrained(
     directory: str,
     params: Mapping,
-    config: BartConfig,
+    config: BartConfig | BartForConditionalGeneration,
     *,
     tokenizer_dir: str | None = None,
     generation_config: Mapping[str, Any] | Any | None = None,
@@ -320,12 +341,18 @@ def save_pretrained(
 ) -> None:
     """Writes a Hugging Face checkpoint directory: `config.json`, `model.safetensors` (PyTorch layout, loadable by
     `BartForConditionalGeneration.from_pretrained`) and/or `flax_model.msgpack`, plus tokenizer files copied from
-    `tokenizer_dir` and `generation_config.json` when given (a dict or a GenerationConfig).
+    `tokenizer_dir` and `generation_config.json`: `generation_config` when given (a dict or a GenerationConfig), else
+    the model's own settings when `config` is a model (`save_pretrained(dir, params, model)`, e.g. the model from
+    `load_pretrained`, whose checkpoint settings are thereby written back).
 
     A tree holding any untied leaf (`lora_jax.models.tying.UNTIED_LEAVES`) is written untied
     (`tie_word_embeddings: false`, missing ones copied from the shared embedding), whatever `config` says."""
     from safetensors.numpy import save
 
+    if not isinstance(config, BartConfig):  # a model: its config, and its generation settings unless given
+        generation_config = getattr(config, "generation_config", None) if generation_config is None else generation_config
+        config = config.config
+    settings = _generation_json(generation_config)
     os.makedirs(directory, exist_ok=True)
     if has_untied_leaves(params) or not config.tie_word_embeddings:
         # A tree with a head or token embedding of its own (an untied base, or a merged PEFT modules_to_save copy)
@@ -338,8 +365,7 @@ def save_pretrained(
         blob = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, jax.device_get(dict(params))))
         atomic_write(os.path.join(directory, FLAX_WEIGHTS), blob)
     atomic_write(os.path.join(directory, "config.json"), json.dumps(config.to_hf_dict(), indent=2))
-    if generation_config is not None:
-        settings = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+    if settings is not None:
         atomic_write(os.path.join(directory, "generation_config.json"), json.dumps(settings, indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

@@ -1,14 +1,21 @@
-"""Greedy and beam-search generation for encoder-decoder models, jitted, with a key/value cache.
+"""Greedy search, sampling, beam search and beam sampling for encoder-decoder models, jitted, with a key/value cache.
 
 api.py         generate, generate_padded, resolve_config (the public functions)
-search.py      the decoding loops (greedy, beam search) and their jitted form
-processors.py  logits processors (no-repeat n-gram, min length, forced BOS / EOS)
-config.py      GenerationConfig, read from a checkpoint or a model config
+search.py      the decoding loops (greedy / sampling, beam search) and their jitted form
+processors.py  transformers' logits processors, in its order
+warpers.py     transformers' sampling warpers (temperature, top-k, top-p, min-p, typical-p)
+config.py      GenerationConfig, read from a checkpoint (as transformers reads it) or a model config
+settings.py    which transformers settings are honoured, ignored (no effect on the ids) or refused
 serving.py     AdapterServer: one base, one compiled mixed-adapter search, adapters hot-swapped by value
 """
 
 from lora_jax.generation.api import generate, generate_padded, resolve_config, trim
-from lora_jax.generation.config import GenerationConfig, config_from_model, load_generation_config
+from lora_jax.generation.config import (
+    GenerationConfig,
+    config_from_model,
+    load_generation_config,
+    model_generation_config,
+)
 from lora_jax.generation.processors import process_scores
 from lora_jax.generation.search import num_compilations
 
@@ -18,6 +25,7 @@ __all__ = [
     "generate",
     "generate_padded",
     "load_generation_config",
+    "model_generation_config",
     "num_compilations",
     "process_scores",
     "resolve_config",

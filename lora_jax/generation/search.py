@@ -32,9 +32,12 @@ def _step_logits(model, params, tokens, attention_mask, cache):
     return logits[:, -1, :].astype(jnp.float32), cache
 
 
-def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask, key):
+    """Greedy search, or multinomial sampling from the processed scores when cfg.do_sample (step t draws with
+    fold_in(key, t), one independent draw per row)."""
     batch = input_ids.shape[0]
     length = cfg.total_length
+    eos = jnp.asarray(cfg.eos_ids, jnp.int32)
     cache = _encode_and_cache(model, params, input_ids, attention_mask, 1, length)
     sequences = jnp.full((batch, length), cfg.pad_token_id, jnp.int32).at[:, 0].set(cfg.decoder_start_token_id)
 
@@ -45,10 +48,14 @@ def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask):
     def body(state):
         cur_len, sequences, cache, finished = state
         logits, cache = _step_logits(model, params, sequences[:, cur_len - 1], attention_mask, cache)
-        scores = process_scores(logits, sequences, cur_len, cfg)
-        tokens = jnp.where(finished, cfg.pad_token_id, jnp.argmax(scores, axis=-1).astype(jnp.int32))
+        scores = process_scores(logits, sequences, cur_len, cfg, input_ids)
+        if cfg.do_sample:
+            chosen = jax.random.categorical(jax.random.fold_in(key, cur_len), scores, axis=-1)
+        else:
+            chosen = jnp.argmax(scores, axis=-1)
+        tokens = jnp.where(finished, cfg.pad_token_id, chosen.astype(jnp.int32))
         sequences = sequences.at[:, cur_len].set(tokens)
-        return cur_len + 1, sequences, cache, finished | (tokens == cfg.eos_token_id)
+        return cur_len + 1, sequences, cache, finished | jnp.isin(tokens, eos)
 
     init = (jnp.array(1, jnp.int32), sequences, cache, jnp.zeros((batch,), bool))
     cur_len, sequences, _, _ = jax.lax.while_loop(cond, body, init)
@@ -120,10 +127,25 @@ def _beam_start(cfg: GenerationConfig, batch: int, cache) -> dict:
     )
 
 
-def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask):
+def _top_continuations(log_probs, keep: int, cfg: GenerationConfig, key, cur_len):
+    """(B, K*V) accumulated log-probs -> the `keep` candidates (scores, flat indices), best first: the top ones, or
+    with do_sample `keep` drawn without replacement in proportion to softmax(log_probs) (Gumbel top-k, the
+    distribution of transformers' torch.multinomial without replacement), then sorted by score."""
+    if not cfg.do_sample:
+        return jax.lax.top_k(log_probs, keep)
+    noise = jax.random.gumbel(jax.random.fold_in(key, cur_len), log_probs.shape, log_probs.dtype)
+    index = jax.lax.top_k(log_probs + noise, keep)[1]
+    drawn = jnp.take_along_axis(log_probs, index, axis=1)
+    scores, order = jax.lax.top_k(drawn, keep)
+    return scores, jnp.take_along_axis(index, order, axis=1)
+
+
+def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask, key):
     batch, beams = input_ids.shape[0], cfg.num_beams
     length, prompt_len = cfg.total_length, 1
-    keep = 2 * beams  # max(2, 1 + number of eos tokens) * num_beams: enough to keep `beams` running after any eos
+    eos = jnp.asarray(cfg.eos_ids, jnp.int32)
+    # enough candidates to keep `beams` running however many of them end in an eos token (transformers' rule)
+    keep = max(2, 1 + len(cfg.eos_ids)) * beams
     top_beam_mask = jnp.arange(keep) < beams
     penalty = _length_penalty_table(length, cfg.length_penalty)
     state = _beam_start(cfg, batch, _encode_and_cache(model, params, input_ids, attention_mask, beams, length))
@@ -136,13 +158,13 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
         cur_len = s["cur_len"]
         flat_running = s["running"].reshape(batch * beams, length)
         logits, cache = _step_logits(model, params, flat_running[:, cur_len - 1], attention_mask, s["cache"])
-        log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, cur_len, cfg)
+        log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, cur_len, cfg, input_ids, beams)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, beams, vocab) + s["running_scores"][:, :, None]
-        topk_scores, topk_index = jax.lax.top_k(log_probs.reshape(batch, beams * vocab), keep)
+        topk_scores, topk_index = _top_continuations(log_probs.reshape(batch, beams * vocab), keep, cfg, key, cur_len)
         source_beam, tokens = topk_index // vocab, (topk_index % vocab).astype(jnp.int32)
         topk_seqs = _gather(s["running"], source_beam).at[:, :, cur_len].set(tokens)
-        hits_stop = (tokens == cfg.eos_token_id) | (cur_len + 1 >= length)
+        hits_stop = jnp.isin(tokens, eos) | (cur_len + 1 >= length)
 
         # Running beams for the next step: the best `beams` candidates that did not stop; the cache follows them.
         running_candidates = topk_scores + hits_stop * NEG
@@ -168,7 +190,8 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
         )
 
     final = jax.lax.while_loop(cond, body, state)
-    return final["sequences"][:, 0, :], final["cur_len"]
+    best = final["sequences"][:, : cfg.num_return_sequences, :]  # finished beams are kept sorted, best first
+    return best.reshape(batch * cfg.num_return_sequences, length), final["cur_len"]
 
 
 def with_adapter_ids(model, adapter_ids):
@@ -182,13 +205,24 @@ def with_adapter_ids(model, adapter_ids):
     return model.with_adapter_ids(adapter_ids)
 
 
-def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None):
-    """Greedy (num_beams 1) or beam search -> (ids (B, cfg.total_length) int32, the decoded length), un-jitted.
-    adapter_ids (B,): each input's adapter slot, for a MultiLoraModel (traced: one program whatever the mix)."""
+def _repeat_rows(x, n: int):
+    return x if x is None or n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None, key=None):
+    """Greedy / sampling (num_beams 1), beam search or beam sampling ->
+    (ids (B * num_return_sequences, cfg.total_length) int32, the decoded length), un-jitted.
+    adapter_ids (B,): each input's adapter slot, for a MultiLoraModel (traced: one program whatever the mix).
+    key: a PRNG key, used only when cfg.do_sample."""
+    if cfg.do_sample and key is None:
+        raise ValueError("do_sample=True needs a PRNG key: pass prng_key=jax.random.PRNGKey(seed)")
+    if cfg.num_beams == 1 and cfg.num_return_sequences > 1:  # sampling: n independent draws per input
+        n = cfg.num_return_sequences
+        input_ids, attention_mask, adapter_ids = (_repeat_rows(x, n) for x in (input_ids, attention_mask, adapter_ids))
     model = with_adapter_ids(model, adapter_ids)
     if cfg.num_beams == 1:
-        return _greedy(model, cfg, params, input_ids, attention_mask)
-    return _beam_search(model, cfg, params, input_ids, attention_mask)
+        return _greedy(model, cfg, params, input_ids, attention_mask, key)
+    return _beam_search(model, cfg, params, input_ids, attention_mask, key)
 
 
 # One compiled program per (model, settings, input shapes): both are hashable frozen dataclasses, so equal settings
@@ -196,8 +230,8 @@ def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adap
 DECODE_NAME = compile_events.unique_name("lora_jax_decode")
 
 
-def _decode_to_jit(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None):
-    return decode(model, cfg, params, input_ids, attention_mask, adapter_ids)
+def _decode_to_jit(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None, key=None):
+    return decode(model, cfg, params, input_ids, attention_mask, adapter_ids, key)
 
 
 _decode_to_jit.__name__ = _decode_to_jit.__qualname__ = DECODE_NAME

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from lora_jax.training import compile_events
-from lora_jax.generation.api import resolve_config, trim
+from lora_jax.generation.api import check_key, resolve_config, trim
 from lora_jax.generation.search import decode
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.multi import MultiLoraModel, check_ids
@@ -39,7 +39,8 @@ class AdapterServer:
 
     slots: how many adapters it holds at once (slot 0, the base, comes on top); rank: r_max (adapters of lower rank
     are zero-padded); targets: the modules any adapter may adapt (default: those of `adapters`). generation_config:
-    as for `generate` (a GenerationConfig, a dict or None), fixed for the server's life; overrides the same way."""
+    as for `generate` (a GenerationConfig, a dict or None: the model's defaults, i.e. the checkpoint's settings for
+    a model from `load_pretrained`), fixed for the server's life; keyword settings override the same way."""
 
     def __init__(self, model, base_params: Mapping, generation_config=None, *, adapters: Mapping | None = None,
                  configs: Mapping[str, LoraConfig] | None = None, slots: int | None = None, rank: int = 1,
@@ -57,8 +58,8 @@ class AdapterServer:
         multi = MultiLoraModel(model, self.info, method)  # the slot count is all the program depends on
         cfg = self.config
 
-        def serve(base, stacked, input_ids, attention_mask, adapter_ids):
-            return decode(multi, cfg, combine(base, stacked), input_ids, attention_mask, adapter_ids)[0]
+        def serve(base, stacked, input_ids, attention_mask, adapter_ids, key):
+            return decode(multi, cfg, combine(base, stacked), input_ids, attention_mask, adapter_ids, key)[0]
 
         serve.__name__ = self.compile_name = compile_events.unique_name("lora_jax_serve")
         self.serve = jax.jit(serve)
@@ -75,18 +76,19 @@ class AdapterServer:
     def adapters(self) -> list[str]:
         return [n for n in self.info.names if n]
 
-    def generate_padded(self, input_ids, attention_mask, adapters: Sequence[str | None]) -> jax.Array:
-        """(B, max_length) ids for inputs (B, S), each row with its adapter (None: the base), without a host sync."""
+    def generate_padded(self, input_ids, attention_mask, adapters: Sequence[str | None], prng_key=None) -> jax.Array:
+        """(B * num_return_sequences, max_length) ids for inputs (B, S), each row with its adapter (None: the base),
+        without a host sync. prng_key: required when the settings sample (do_sample)."""
         ids = self.info.ids(adapters)
         check_ids(ids, self.info)
         if len(ids) != np.shape(input_ids)[0]:
             raise ValueError(f"{len(ids)} adapter names for {np.shape(input_ids)[0]} input rows: give one per row")
         return self.serve(self.base, self.stacked, np.asarray(input_ids, np.int32),
-                          np.asarray(attention_mask, np.int32), ids)
+                          np.asarray(attention_mask, np.int32), ids, check_key(self.config, prng_key))
 
-    def generate(self, input_ids, attention_mask, adapters: Sequence[str | None]) -> np.ndarray:
+    def generate(self, input_ids, attention_mask, adapters: Sequence[str | None], prng_key=None) -> np.ndarray:
         """Like `lora_jax.generate`: ids trimmed to the longest sequence."""
-        return trim(np.asarray(self.generate_padded(input_ids, attention_mask, adapters)), self.config)
+        return trim(np.asarray(self.generate_padded(input_ids, attention_mask, adapters, prng_key)), self.config)
 
     def num_compilations(self) -> int:
         """How many times this server's program has been compiled (once per input shape)."""

@@ -118,8 +118,10 @@ class BartAttention(nn.Module):
             q = q.reshape((k.shape[0], -1) + q.shape[2:])
         if self_cache is not None:
             idx = self_cache["index"]
-            k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), (0, 0, idx, 0))
-            v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), (0, 0, idx, 0))
+            zero = jnp.zeros((), idx.dtype)  # all indices of one integer type (int64 Python zeros under jax_enable_x64)
+            at = (zero, zero, idx, zero)
+            k = jax.lax.dynamic_update_slice(self_cache["k"], k.astype(self_cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(self_cache["v"], v.astype(self_cache["v"].dtype), at)
             self_cache = {"k": k, "v": v, "index": idx + hidden.shape[1]}
         # Head-major q, so both matmuls are plain batched matmuls over (b, h): XLA's CPU backend hands those to its
         # fast matmul library, while the (b, q, h, d) form went to its generic dot loop (3.6x slower per decoding

@@ -288,6 +288,8 @@ class BartForConditionalGeneration(nn.Module):
     XLA compiles one layer body instead of one per layer (lora_jax/models/layer_stack.py); same parameter tree.
     attention: None / "xla" / "cudnn" (`jax.nn.dot_product_attention`'s implementation) or "explicit"
     (lora_jax/models/attention.py says which calls use which path).
+    generation_config: the default generation settings (a `lora_jax.GenerationConfig`; `load_pretrained` sets the
+    checkpoint's); None: the config's generation fields. Hashable, so the model stays a static jit argument.
     """
 
     config: BartConfig
@@ -296,6 +298,7 @@ class BartForConditionalGeneration(nn.Module):
     remat: str | None = None
     scan_layers: bool = False
     attention: str | None = None
+    generation_config: Any = None
 
     def setup(self):
         remat_policy(self.remat)  # a clear error for an unknown name
