@@ -1,12 +1,14 @@
 """One writer per output directory: `<output_dir>/.lock` holds the owner's pid, host and command.
 
-A second run into the same directory fails at once naming the owner. A lock left by a process that no longer exists
+A second run into the same directory fails at once naming the owner. A multi-process job holds one lock, taken by
+process 0; every process learns whether it was taken (`job_lock`), so all of them stop when it was not. A lock left by a process that no longer exists
 on this host (a killed run) is taken over with a warning. A lock from another host cannot be checked from here, so
 it is never taken over: the message says how to remove it once that run is known to be gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,3 +96,26 @@ class OutputDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def job_lock(directory: str):
+    """Holds `<directory>/.lock` for a whole (possibly multi-process) job: process 0 takes it and every process
+    raises OutputDirLockedError when it could not (a collective: every process of the job must enter it)."""
+    from lora_jax import distributed
+
+    lock, error = OutputDirLock(directory), None
+    main = distributed.is_main_process()
+    if main:
+        try:
+            lock.acquire()
+        except OutputDirLockedError as e:
+            error = e
+    if distributed.any_process(error is not None):
+        raise error or OutputDirLockedError(f"{directory} is in use by another run: process 0 of this job could not "
+                                            f"take {lock.path} (its error says by whom)")
+    try:
+        yield lock
+    finally:
+        if main:
+            lock.release()

@@ -20,7 +20,7 @@ from lora_jax.checkpoints.adapter import base_fingerprint
 
 # Config keys (a trailing "." covers a whole section) that do not change what is trained: they may differ on resume.
 MAY_DIFFER = (
-    "eval.", "mesh.", "model.remat", "model.scan_layers", "model.attention", "train.compile_cache_dir",
+    "eval.", "mesh.", "distributed.", "model.remat", "model.scan_layers", "model.attention", "train.compile_cache_dir",
     "train.eval_batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.log_every",
     "train.output_dir", "train.max_nonfinite_steps", "train.divergence_factor",
     "data.eval_files", "data.test_files", "data.eval_split", "data.test_split", "data.max_eval_examples", "data.num_proc",
