@@ -176,8 +176,9 @@ class PeerWatchdog:
     `timeout_s`, or an unreachable coordinator, ends this process (exit code PEER_FAULT_EXIT_CODE) with one line
     naming the lost process(es) and `describe_fallback()` (e.g. the last checkpoint every process completed)."""
 
-    def __init__(self, timeout_s: float, describe_fallback: Callable[[], str] = lambda: ""):
-        self.timeout_s, self.describe_fallback = timeout_s, describe_fallback
+    def __init__(self, timeout_s: float, describe_fallback: Callable[[], str] = lambda: "",
+                 before_exit: Callable[[], None] = lambda: None):
+        self.timeout_s, self.describe_fallback, self.before_exit = timeout_s, describe_fallback, before_exit
         self.me, self.count = jax.process_index(), jax.process_count()
         self._client = _client()
         self._stop, self._exiting, self._beats = threading.Event(), threading.Lock(), 0
@@ -251,21 +252,25 @@ class PeerWatchdog:
         else:
             who = "a collective with the other processes failed and no peer could be named"
         fallback = self.describe_fallback()
-        print(f"error: {who}; process {self.me} stops{'; ' + fallback if fallback else ''}", file=sys.stderr,
+        with contextlib.suppress(Exception):
+            self.before_exit()
+        # a progress bar may have left the cursor mid-line: the fault line starts its own
+        print(f"\nerror: {who}; process {self.me} stops{'; ' + fallback if fallback else ''}", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
         os._exit(PEER_FAULT_EXIT_CODE)
 
 
 @contextlib.contextmanager
-def watch_peers(settings: LaunchSettings, describe_fallback: Callable[[], str] = lambda: "") -> Iterator[None]:
+def watch_peers(settings: LaunchSettings, describe_fallback: Callable[[], str] = lambda: "",
+                before_exit: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Runs the body with a `PeerWatchdog` when the job has several processes: a peer lost during the body ends this
-    process with one line (see PeerWatchdog); a collective that fails in the body waits for the watchdog to name
-    the peer. A no-op for one process."""
+    process with one line (see PeerWatchdog; `before_exit` runs first, e.g. to release a lock); a collective that
+    fails in the body waits for the watchdog to name the peer. A no-op for one process."""
     if jax.process_count() == 1:
         yield
         return
-    watchdog = PeerWatchdog(settings.peer_timeout_s, describe_fallback).start()
+    watchdog = PeerWatchdog(settings.peer_timeout_s, describe_fallback, before_exit).start()
     try:
         yield
     except Exception as e:  # noqa: BLE001

@@ -33,12 +33,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import lora_jax
+    from lora_jax import distributed
     from lora_jax.checkpoints.adapter import check_adapter_fits, load_adapter, save_adapter
     from lora_jax.checkpoints.merged import export_merged
     from lora_jax.generation import load_generation_config
     from lora_jax.checkpoints.peft import export_peft, import_peft
 
     try:
+        # Launched as several processes (srun, a pod): every process reads, process 0 alone writes plain files, and
+        # all of them join the Orbax save of --adapter-out.
+        distributed.initialize()
+        main = distributed.is_main_process()
         model, base = lora_jax.load_pretrained(args.base)
         if args.adapter:
             adapter, config, _ = load_adapter(args.adapter, base_params=base)
@@ -48,16 +53,19 @@ def main(argv=None) -> int:
         params = lora_jax.combine(base, adapter)
         local_base = args.base if os.path.isdir(args.base) else None
         if args.peft:
-            out = export_peft(args.peft, params, config, args.base)
+            out = export_peft(args.peft, params, config, args.base) if main else args.peft
         elif args.merged:
             gen = load_generation_config(local_base) if local_base else None
-            out = export_merged(args.merged, params, config, model.config, tokenizer_dir=local_base, generation_config=gen)
+            out = (export_merged(args.merged, params, config, model.config, tokenizer_dir=local_base,
+                                 generation_config=gen) if main else args.merged)
         else:
             out = save_adapter(args.adapter_out, params, config, base_model=args.base, base_params=base)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"written": out, "lora": config.to_dict()}))
+    distributed.barrier("lora_jax.export.done")  # no process reports success before process 0 has written
+    if main:
+        print(json.dumps({"written": out, "lora": config.to_dict()}))
     return 0
 
 

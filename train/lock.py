@@ -98,6 +98,15 @@ class OutputDirLock:
         self.release()
 
 
+def release_own_lock(directory: str) -> None:
+    """Removes `<directory>/.lock` if this process holds it (for a process that must end at once, e.g. when a peer
+    of a multi-process job is lost)."""
+    path = os.path.join(directory, LOCK_NAME)
+    owner = _read_owner(path)
+    if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        os.unlink(path)
+
+
 @contextlib.contextmanager
 def job_lock(directory: str):
     """Holds `<directory>/.lock` for a whole (possibly multi-process) job: process 0 takes it and every process

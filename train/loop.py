@@ -29,15 +29,15 @@ from lora_jax.models.bart import IGNORE
 from lora_jax.training import TrainCheckpointer, TrainState
 from lora_jax.training.checkpoint import last_complete_step
 from lora_jax.training.runtime import release_host_memory
-from lora_jax.training.step import StepFn
+from lora_jax.training.step import StepFn, default_dropout_rng_impl
 from train import evaluate
 from train.build import Run, build, make_optimizer
 from train.config import RunConfig, config_to_dict, to_launch_settings
 from train.guard import (OUTLIER_PATIENCE, GuardSettings, TrainingDivergedError, all_finite, divergence, loss_outlier,
                          remember, skipped_counts)
-from train.lock import job_lock
+from train.lock import job_lock, release_own_lock
 from train.metrics_log import MetricsLog, plot_loss_curve
-from train.resume import describe_changes, fingerprint_changes, mismatch_error, run_fingerprint
+from train.resume import describe_changes, dropout_layout, fingerprint_changes, mismatch_error, run_fingerprint
 
 log = logging.getLogger("train")
 
@@ -152,7 +152,8 @@ def train(cfg: RunConfig, resume_with_changes: bool = False) -> dict:
     is_main = distributed.is_main_process()
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     checkpoints = os.path.join(cfg.train.output_dir, "checkpoints")
-    with distributed.watch_peers(settings, lambda: _resume_hint(checkpoints)), job_lock(cfg.train.output_dir):
+    with distributed.watch_peers(settings, lambda: _resume_hint(checkpoints),
+                                 lambda: release_own_lock(cfg.train.output_dir)), job_lock(cfg.train.output_dir):
         return _train_locked(cfg, resume_with_changes, is_main)
 
 
@@ -172,6 +173,10 @@ def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> d
     trainable, total, percent = lora_jax.count_params(run.params, run.lora_config, full_finetune=full, verbose=is_main)
     fingerprint = run_fingerprint(config_to_dict(cfg), run.params, run.tokenizer, run.splits["train"],
                                   cfg.data.train_files if cfg.data.dataset is None else None)
+    mc = run.model.config
+    fingerprint["layout"] = dropout_layout(
+        (mc.dropout, mc.attention_dropout, mc.activation_dropout, 0.0 if full else run.lora_config.dropout),
+        run.mesh.size, default_dropout_rng_impl(sharded=run.mesh.size > 1))
     tx, schedule = make_optimizer(cfg, run.lora_config)
     # A scanned model's frozen layers are kept pre-stacked (no per-step stacking copy); the run then drops its
     # per-layer tree, so one copy of the base is alive, not two.
