@@ -197,39 +197,31 @@ class PeerWatchdog:
             with contextlib.suppress(Exception):
                 self._client.key_value_set(f"{_KEY}/{self.me}", "done", allow_overwrite=True)
 
-    def lost_peers(self) -> list[int] | None:
-        """The peers whose heartbeat has not moved for `timeout_s` (None: the coordinator does not answer)."""
+    def lost_peers(self) -> list[int]:
+        """The peers whose heartbeat has not moved for `timeout_s` (a peer that finished is not lost)."""
         now, lost = time.monotonic(), []
-        try:
-            for peer, (beat, since) in self._seen.items():
+        for peer, (beat, since) in self._seen.items():
+            try:
                 value = self._client.key_value_try_get(f"{_KEY}/{peer}")
-                if value == "done":
-                    continue
-                if value != beat:
-                    self._seen[peer] = (value, now)
-                elif now - since > self.timeout_s:
-                    lost.append(peer)
-        except Exception:  # noqa: BLE001 - the key is simply absent until the peer's first beat
-            return self._absent_or_unreachable()
+            except Exception:  # noqa: BLE001 - absent until the peer's first beat
+                value = beat
+            if value == "done":
+                continue
+            if value != beat:
+                self._seen[peer] = (value, now)
+            elif now - since > self.timeout_s:
+                lost.append(peer)
         return lost
-
-    def _absent_or_unreachable(self) -> list[int] | None:
-        try:
-            self._client.key_value_set(f"{_KEY}/{self.me}", str(self._beats), allow_overwrite=True)
-        except Exception:  # noqa: BLE001 - the coordinator (process 0) is gone
-            return None
-        now = time.monotonic()
-        return [p for p, (beat, since) in self._seen.items() if now - since > self.timeout_s]
 
     def _run(self) -> None:
         while not self._stop.wait(BEAT_EVERY_S):
             self._beats += 1
             try:
                 self._client.key_value_set(f"{_KEY}/{self.me}", str(self._beats), allow_overwrite=True)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception:  # noqa: BLE001 - the coordinator's store no longer answers: process 0 is gone
+                self.exit_lost(None)
             lost = self.lost_peers()
-            if lost is None or lost:
+            if lost:
                 self.exit_lost(lost)
 
     def wait_for_lost_peer(self) -> None:

@@ -1,9 +1,9 @@
 """One writer per output directory: `<output_dir>/.lock` holds the owner's pid, host and command.
 
-A second run into the same directory fails at once naming the owner. A multi-process job holds one lock, taken by
-process 0; every process learns whether it was taken (`job_lock`), so all of them stop when it was not. A lock left by a process that no longer exists
+A second run into the same directory fails at once naming the owner. A lock left by a process that no longer exists
 on this host (a killed run) is taken over with a warning. A lock from another host cannot be checked from here, so
-it is never taken over: the message says how to remove it once that run is known to be gone.
+it is never taken over: the message says how to remove it once that run is known to be gone. A multi-process job
+holds one lock, taken by process 0; every process learns whether it was taken (`job_lock`), so all stop when it was not.
 """
 
 from __future__ import annotations

@@ -377,7 +377,7 @@ def save_result(run: Run, state: TrainState, out: str, is_main: bool = True) -> 
             lora_jax.save_pretrained(path, params, run.model.config, generation_config=run.gen,
                                      tokenizer_dir=run.cfg.model.tokenizer or run.cfg.model.checkpoint)
         distributed.barrier("lora_jax.train.saved_model")
-    return {"path": path, "bytes": dir_bytes(path) if is_main else 0}
+    return {"path": path, "bytes": dir_bytes(path)}  # complete on every process: the saves end with a barrier
 
 
 def _write_samples(out: str, sources, preds, refs, n: int) -> None:
