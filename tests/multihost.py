@@ -24,7 +24,9 @@ def free_port() -> int:
 
 def process_env(index: int, processes: int, devices: int, port: int | None, extra: dict | None = None) -> dict:
     """The environment of process `index` of `processes`, each with `devices` simulated CPU devices."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR"))}
+    launcher = ("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR", "COORDINATOR_ADDRESS", "NUM_PROCESSES",
+                "JAX_NUM_PROCESSES", "PROCESS_ID", "JAX_PROCESS_ID")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}  # this test's launch only
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     if processes > 1:
