@@ -81,6 +81,17 @@ class LoopState:
                 "resume_changes": list(self.resume_changes)}
 
 
+def _eval_loss(run: Run, m: Machinery, params) -> float:
+    """The eval loss, each batch split over the mesh like a train batch (each process passing its own rows) when
+    train.eval_batch_size divides evenly over the devices; otherwise every device runs the whole batch."""
+    size = run.cfg.train.eval_batch_size
+    put = None
+    if run.mesh.size > 1 and size % run.mesh.size == 0:
+        rows = sharding.host_slice(size)
+        put = lambda batch: sharding.shard_batch({k: v[rows] for k, v in batch.items()}, run.mesh)  # noqa: E731
+    return evaluate.eval_loss(m.eval_step, params, run.splits["eval"], run.cfg, run.pad_id, run.start_id, put)
+
+
 def _checkpointable(state: TrainState) -> dict:
     return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}
 
@@ -307,7 +318,7 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
             window_tokens, window_start = 0, time.perf_counter()
         bar.update(1)
         if "eval" in run.splits and step % cfg.eval_every == 0 and step != cfg.num_steps:
-            loss = evaluate.eval_loss(m.eval_step, state.params, run.splits["eval"], run.cfg, run.pad_id, run.start_id)
+            loss = _eval_loss(run, m, state.params)
             m.metrics_log.write(step, "eval", {"loss": loss})
         if stopping:
             loop = dataclasses.replace(loop, stopped_early=True)
@@ -339,7 +350,7 @@ def finish(run: Run, m: Machinery, loop: LoopState) -> dict:
     cfg, out, result = run.cfg, run.cfg.train.output_dir, {}
     params = loop.state.params
     if "eval" in run.splits:
-        result["eval_loss"] = evaluate.eval_loss(m.eval_step, params, run.splits["eval"], cfg, run.pad_id, run.start_id)
+        result["eval_loss"] = _eval_loss(run, m, params)
         scores, preds, refs, sources = _rouge(run, params, "eval")
         result.update(rouge_before=loop.rouge_before, rouge_after=scores)
         m.metrics_log.write(loop.step, "eval", {"loss": result["eval_loss"], **scores})
