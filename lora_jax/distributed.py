@@ -94,10 +94,10 @@ def launch_plan(settings: LaunchSettings = LaunchSettings(), env: Mapping[str, s
     if coordinator or count is not None or index is not None:
         if count == 1:
             return None
-        missing = [what for what, value in (("coordinator address (JAX_COORDINATOR_ADDRESS or distributed.coordinator_"
-                                             "address)", coordinator), ("process count (NUM_PROCESSES or distributed."
-                                             "num_processes)", count), ("process id (PROCESS_ID or distributed."
-                                             "process_id)", index)) if value is None]
+        given = {"coordinator address (JAX_COORDINATOR_ADDRESS or distributed.coordinator_address)": coordinator,
+                 "process count (NUM_PROCESSES or distributed.num_processes)": count,
+                 "process id (PROCESS_ID or distributed.process_id)": index}
+        missing = [what for what, value in given.items() if value is None]
         if missing and not cluster:  # inside SLURM / MPI, JAX fills in what is missing
             raise ValueError(f"a multi-process launch needs all three of coordinator address, process count and "
                              f"process id; missing: {', '.join(missing)}. Set them on every process (process 0 runs "
@@ -136,7 +136,7 @@ def host_sum(value: float) -> float:
         return float(value)
     from jax.experimental import multihost_utils
 
-    return float(np.sum(multihost_utils.process_allgather(np.asarray(value, np.float64))))
+    return float(np.sum(multihost_utils.process_allgather(np.asarray(value, np.float32))))  # x64 is off by default
 
 
 def any_process(flag: bool) -> bool:
