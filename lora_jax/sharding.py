@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Annotated, Any, Mapping
 
 import jax
@@ -133,26 +132,13 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
     return out
 
 
-_DISTRIBUTED_ENV = ("COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+def maybe_initialize_distributed(settings=None) -> bool:
+    """Joins the multi-process job this process was launched into (coordinator variables, SLURM with more than one
+    task, Open MPI, a TPU pod; see `lora_jax.distributed.launch_plan`); a no-op for one process. Returns whether the
+    job has several processes."""
+    from lora_jax import distributed
 
-
-def maybe_initialize_distributed() -> bool:
-    """Calls `jax.distributed.initialize()` when a multi-host launcher's environment is present (explicit coordinator
-    variables, SLURM, Open MPI, or a multi-worker TPU slice); a no-op on one host. Returns whether it initialised."""
-    env = os.environ
-    multi_worker_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    if not (multi_worker_tpu or any(k in env for k in _DISTRIBUTED_ENV if k != "TPU_WORKER_HOSTNAMES")):
-        return False
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or env["COORDINATOR_ADDRESS"],
-            num_processes=int(env["NUM_PROCESSES"]) if "NUM_PROCESSES" in env else None,
-            process_id=int(env["PROCESS_ID"]) if "PROCESS_ID" in env else None,
-        )
-    else:  # SLURM, Open MPI and TPU pods are auto-detected by JAX's cluster plugins.
-        jax.distributed.initialize()
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
+    return distributed.initialize(settings or distributed.LaunchSettings())
 
 
 def is_main_process() -> bool:

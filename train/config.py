@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 
+from lora_jax.distributed import LaunchSettings
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.attention import ATTENTION_IMPLEMENTATIONS
@@ -159,6 +160,11 @@ EvalSection = derived_section("EvalSection", GenerationConfig, names=EVAL_GENERA
 ])
 
 
+# `distributed`: how this process joins a multi-process job (None: from the launcher's environment; see
+# lora_jax/distributed.py) and how long a silent peer is waited for before every process stops.
+DistributedSection = derived_section("DistributedSection", LaunchSettings)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = ModelSection()
@@ -168,6 +174,7 @@ class RunConfig:
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedSection = DistributedSection()
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -335,6 +342,11 @@ def to_lora_config(cfg: RunConfig) -> LoraConfig | None:
     if cfg.lora.mode == "full":
         return None
     return LoraConfig(**{f.name: getattr(cfg.lora, f.name) for f in dataclasses.fields(LoraConfig)})
+
+
+def to_launch_settings(cfg: RunConfig) -> LaunchSettings:
+    """The distributed section as lora_jax.distributed.LaunchSettings."""
+    return LaunchSettings(**dataclasses.asdict(cfg.distributed))
 
 
 def generation_overrides(cfg: RunConfig) -> dict[str, Any]:

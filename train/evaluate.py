@@ -22,12 +22,13 @@ from train.rouge import rouge
 log = logging.getLogger(__name__)
 
 
-def eval_loss(eval_step, params, dataset, cfg, pad_id: int, start_id: int) -> float:
-    """Mean token cross-entropy over (up to data.max_eval_examples of) the split."""
+def eval_loss(eval_step, params, dataset, cfg, pad_id: int, start_id: int, put_batch=None) -> float:
+    """Mean token cross-entropy over (up to data.max_eval_examples of) the split. put_batch(batch) -> the batch the
+    step runs on (e.g. this process's rows, sharded over the mesh; default: the whole batch)."""
     loss_sum = tokens = 0.0
     for batch, _ in eval_batches(dataset, cfg.train.eval_batch_size, cfg.data.max_source_length, cfg.data.max_target_length,
                                  pad_id=pad_id, decoder_start_id=start_id, max_examples=cfg.data.max_eval_examples):
-        out = eval_step(params, batch)
+        out = eval_step(params, batch if put_batch is None else put_batch(batch))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
     return loss_sum / max(tokens, 1.0)

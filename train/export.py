@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         return 2
 
     import lora_jax
+    from lora_jax import distributed
     from lora_jax.checkpoints.adapter import load_adapter, save_adapter
     from lora_jax.checkpoints.files import write_directory
     from lora_jax.checkpoints.merged import export_merged
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     from lora_jax.checkpoints.peft import export_peft, import_peft
 
     try:
+        # Launched as several processes (srun, a pod): every process reads, process 0 alone writes plain files, and
+        # all of them join the Orbax save of --adapter-out.
+        distributed.initialize()
+        main = distributed.is_main_process()
         model, base = lora_jax.load_pretrained(args.base)
         if args.adapter:
             adapter, config, _ = load_adapter(args.adapter, base_params=base)
@@ -81,19 +86,23 @@ def main(argv=None) -> int:
         params = lora_jax.combine(base, adapter)
         local_base = args.base if os.path.isdir(args.base) else None
         if args.peft:
-            write_directory(args.peft, lambda d: export_peft(d, params, config, args.base, base_params=base))
+            if main:
+                write_directory(args.peft, lambda d: export_peft(d, params, config, args.base, base_params=base))
         elif args.merged:
             gen = load_generation_config(local_base) if local_base else None
-            write_directory(args.merged, lambda d: export_merged(d, params, config, model.config, tokenizer_dir=local_base,
-                                                                 generation_config=gen))
+            if main:
+                write_directory(args.merged, lambda d: export_merged(d, params, config, model.config,
+                                                                     tokenizer_dir=local_base, generation_config=gen))
         else:
-            write_directory(args.adapter_out, lambda d: save_adapter(d, params, config, base_model=args.base,
-                                                                     base_params=base))
+            # save_adapter writes beside and renames into place itself, and every process joins its Orbax save
+            save_adapter(args.adapter_out, params, config, base_model=args.base, base_params=base)
         out = next(getattr(args, f) for f in DESTINATIONS if getattr(args, f))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"written": out, "lora": config.to_dict()}))
+    distributed.barrier("lora_jax.export.done")  # no process reports success before process 0 has written
+    if main:
+        print(json.dumps({"written": out, "lora": config.to_dict()}))
     return 0
 
 

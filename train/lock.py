@@ -2,11 +2,13 @@
 
 A second run into the same directory fails at once naming the owner. A lock left by a process that no longer exists
 on this host (a killed run) is taken over with a warning. A lock from another host cannot be checked from here, so
-it is never taken over: the message says how to remove it once that run is known to be gone.
+it is never taken over: the message says how to remove it once that run is known to be gone. A multi-process job
+holds one lock, taken by process 0; every process learns whether it was taken (`job_lock`), so all stop when it was not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,3 +96,35 @@ class OutputDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def release_own_lock(directory: str) -> None:
+    """Removes `<directory>/.lock` if this process holds it (for a process that must end at once, e.g. when a peer
+    of a multi-process job is lost)."""
+    path = os.path.join(directory, LOCK_NAME)
+    owner = _read_owner(path)
+    if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def job_lock(directory: str):
+    """Holds `<directory>/.lock` for a whole (possibly multi-process) job: process 0 takes it and every process
+    raises OutputDirLockedError when it could not (a collective: every process of the job must enter it)."""
+    from lora_jax import distributed
+
+    lock, error = OutputDirLock(directory), None
+    main = distributed.is_main_process()
+    if main:
+        try:
+            lock.acquire()
+        except OutputDirLockedError as e:
+            error = e
+    if distributed.any_process(error is not None):
+        raise error or OutputDirLockedError(f"{directory} is in use by another run: process 0 of this job could not "
+                                            f"take {lock.path} (its error says by whom)")
+    try:
+        yield lock
+    finally:
+        if main:
+            lock.release()

@@ -9,7 +9,6 @@ samples.txt, predictions.jsonl, summary.json, config.json.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -22,22 +21,23 @@ import jax
 import numpy as np
 
 import lora_jax
-from lora_jax import sharding
+from lora_jax import distributed, sharding
 from lora_jax.checkpoints.files import dir_bytes
 from lora_jax.data import TrainBatches
 from lora_jax.lora.residual_init import plain_lora_on_original
 from lora_jax.models.bart import IGNORE
 from lora_jax.training import TrainCheckpointer, TrainState
+from lora_jax.training.checkpoint import last_complete_step
 from lora_jax.training.runtime import release_host_memory
-from lora_jax.training.step import StepFn
+from lora_jax.training.step import StepFn, default_dropout_rng_impl
 from train import evaluate
 from train.build import Run, build, make_optimizer
-from train.config import RunConfig, config_to_dict
+from train.config import RunConfig, config_to_dict, to_launch_settings
 from train.guard import (OUTLIER_PATIENCE, GuardSettings, TrainingDivergedError, all_finite, divergence, loss_outlier,
                          remember, skipped_counts)
-from train.lock import OutputDirLock
+from train.lock import job_lock, release_own_lock
 from train.metrics_log import MetricsLog, plot_loss_curve
-from train.resume import describe_changes, fingerprint_changes, mismatch_error, run_fingerprint
+from train.resume import describe_changes, dropout_layout, fingerprint_changes, mismatch_error, run_fingerprint
 
 log = logging.getLogger("train")
 
@@ -79,6 +79,17 @@ class LoopState:
     def resume_info(self) -> dict:
         return {"position": self.position, "rouge_before": self.rouge_before, "fingerprint": self.fingerprint,
                 "resume_changes": list(self.resume_changes)}
+
+
+def _eval_loss(run: Run, m: Machinery, params) -> float:
+    """The eval loss, each batch split over the mesh like a train batch (each process passing its own rows) when
+    train.eval_batch_size divides evenly over the devices; otherwise every device runs the whole batch."""
+    size = run.cfg.train.eval_batch_size
+    put = None
+    if run.mesh.size > 1 and size % run.mesh.size == 0:
+        rows = sharding.host_slice(size)
+        put = lambda batch: sharding.shard_batch({k: v[rows] for k, v in batch.items()}, run.mesh)  # noqa: E731
+    return evaluate.eval_loss(m.eval_step, params, run.splits["eval"], run.cfg, run.pad_id, run.start_id, put)
 
 
 def _checkpointable(state: TrainState) -> dict:
@@ -147,11 +158,23 @@ def train(cfg: RunConfig, resume_with_changes: bool = False) -> dict:
     """Runs (or resumes) training; returns the summary that is also written to summary.json. Raises
     ResumeMismatchError (another configuration in the checkpoints), OutputDirLockedError (another run writes there)
     and TrainingDivergedError (the guard stopped the run; summary.json says so and no adapter is written)."""
-    sharding.maybe_initialize_distributed()
-    is_main = sharding.is_main_process()
+    settings = to_launch_settings(cfg)
+    distributed.initialize(settings)
+    is_main = distributed.is_main_process()
     os.makedirs(cfg.train.output_dir, exist_ok=True)
-    with OutputDirLock(cfg.train.output_dir) if is_main else contextlib.nullcontext():
+    checkpoints = os.path.join(cfg.train.output_dir, "checkpoints")
+    with distributed.watch_peers(settings, lambda: _resume_hint(checkpoints),
+                                 lambda: release_own_lock(cfg.train.output_dir)), job_lock(cfg.train.output_dir):
         return _train_locked(cfg, resume_with_changes, is_main)
+
+
+def _resume_hint(checkpoints: str) -> str:
+    """What a re-run continues from, for the line a process prints when a peer is lost."""
+    step = last_complete_step(checkpoints)
+    if step is None:
+        return "no checkpoint was completed by every process: re-running the same command starts over"
+    return (f"the last checkpoint every process completed is step {step} in {checkpoints}: re-run the same command "
+            "on every process to resume from it")
 
 
 def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> dict:
@@ -161,6 +184,10 @@ def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> d
     trainable, total, percent = lora_jax.count_params(run.params, run.lora_config, full_finetune=full, verbose=is_main)
     fingerprint = run_fingerprint(config_to_dict(cfg), run.params, run.tokenizer, run.splits["train"],
                                   cfg.data.train_files if cfg.data.dataset is None else None)
+    mc = run.model.config
+    fingerprint["layout"] = dropout_layout(
+        (mc.dropout, mc.attention_dropout, mc.activation_dropout, 0.0 if full else run.lora_config.dropout),
+        run.mesh.size, default_dropout_rng_impl(sharded=run.mesh.size > 1))
     tx, schedule = make_optimizer(cfg, run.lora_config)
     # A scanned model's frozen layers are kept pre-stacked (no per-step stacking copy); the run then drops its
     # per-layer tree, so one copy of the base is alive, not two.
@@ -211,7 +238,7 @@ def _close(m: Machinery, summary: dict, is_main: bool) -> None:
 
 
 def _counted_tokens(batch) -> int:
-    """Source tokens plus counted target tokens of a batch (for tokens/s)."""
+    """Source tokens plus counted target tokens of a (process-local, numpy) batch (for tokens/s)."""
     return int(np.asarray(batch["attention_mask"]).sum() + (np.asarray(batch["labels"]) != IGNORE).sum())
 
 
@@ -230,6 +257,10 @@ def guard_check(m: Machinery, loop: LoopState, metrics: dict, step: int, saving:
     reason = divergence(m.guard, in_a_row, outliers, outlier)
     if reason is None and saving and not all_finite(loop.state.trainable):
         reason = "the trainable parameters are no longer finite"
+    # Every process reads the same replicated numbers; agreeing anyway means no process can go on into a
+    # collective that a peer which stopped will never join.
+    if distributed.any_process(reason is not None) and reason is None:
+        reason = "the divergence guard of another process stopped the run"
     if reason is not None:
         stop_diverged(m, loop, step, reason)
     # A non-finite or outlying loss vouches for nothing: the parameters it was computed from may be the first bad ones.
@@ -262,14 +293,15 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
     from tqdm import tqdm
 
     cfg, rng = run.cfg.train, jax.random.PRNGKey(run.cfg.train.seed)
-    stream = m.batches.batches(loop.position)
+    rows = sharding.host_slice(run.cfg.train.batch_size)  # this process's rows of each global batch
+    stream = m.batches.batches(loop.position, rows)
     bar = tqdm(total=cfg.num_steps, initial=loop.step, disable=not m.is_main, dynamic_ncols=True, desc="train")
     window_tokens, window_start = 0, time.perf_counter()
     compilations, metrics = m.train_step.num_compilations(), None
     for step in range(loop.step + 1, cfg.num_steps + 1):
-        batch, position = next(stream)
-        if run.mesh.size > 1:
-            batch = sharding.shard_batch({k: v[sharding.host_slice(len(v))] for k, v in batch.items()}, run.mesh)
+        local_batch, position = next(stream)
+        window_tokens += _counted_tokens(local_batch)
+        batch = sharding.shard_batch(local_batch, run.mesh) if run.mesh.size > 1 else local_batch
         state, metrics = m.train_step(loop.state, batch, rng)
         loop = dataclasses.replace(loop, state=state, position=position)
         if m.train_step.num_compilations() > compilations:  # a new bucket shape was compiled: drop the compiler's garbage
@@ -277,7 +309,6 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
             release_host_memory()
             log.info("train step for batch shape %s compiled: %s so far", tuple(batch["input_ids"].shape),
                      m.train_step.compile_stats().describe())
-        window_tokens += _counted_tokens(batch)
         logging_now = step % cfg.log_every == 0 or step == cfg.num_steps
         stopping = m.checkpointer.should_stop(step)
         if logging_now or stopping or m.checkpointer.due(step):
@@ -287,7 +318,7 @@ def run_steps(run: Run, m: Machinery, loop: LoopState) -> LoopState:
             window_tokens, window_start = 0, time.perf_counter()
         bar.update(1)
         if "eval" in run.splits and step % cfg.eval_every == 0 and step != cfg.num_steps:
-            loss = evaluate.eval_loss(m.eval_step, state.params, run.splits["eval"], run.cfg, run.pad_id, run.start_id)
+            loss = _eval_loss(run, m, state.params)
             m.metrics_log.write(step, "eval", {"loss": loss})
         if stopping:
             loop = dataclasses.replace(loop, stopped_early=True)
@@ -307,7 +338,8 @@ def _last_trusted(m: Machinery, loop: LoopState) -> int | None:
 def _log_train(m: Machinery, bar, step: int, metrics: dict, window_tokens: int, window_start: float) -> dict:
     """Writes the step's metrics with the tokens/s since the last log -> the metrics written."""
     record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    record["tokens_per_s"] = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+    # each process counts its own rows over its own window: their sum is the job's throughput (a collective)
+    record["tokens_per_s"] = distributed.host_sum(window_tokens / max(time.perf_counter() - window_start, 1e-9))
     m.metrics_log.write(step, "train", record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record.get('learning_rate', 0):.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
     return record
@@ -318,7 +350,7 @@ def finish(run: Run, m: Machinery, loop: LoopState) -> dict:
     cfg, out, result = run.cfg, run.cfg.train.output_dir, {}
     params = loop.state.params
     if "eval" in run.splits:
-        result["eval_loss"] = evaluate.eval_loss(m.eval_step, params, run.splits["eval"], cfg, run.pad_id, run.start_id)
+        result["eval_loss"] = _eval_loss(run, m, params)
         scores, preds, refs, sources = _rouge(run, params, "eval")
         result.update(rouge_before=loop.rouge_before, rouge_after=scores)
         m.metrics_log.write(loop.step, "eval", {"loss": result["eval_loss"], **scores})
@@ -328,29 +360,35 @@ def finish(run: Run, m: Machinery, loop: LoopState) -> dict:
             if loop.rouge_before:
                 log.info("ROUGE before: %s", _fmt(loop.rouge_before))
             log.info("ROUGE after:  %s", _fmt(scores))
+    result["saved"] = save_result(run, loop.state, out, m.is_main)  # every process joins the collective parts
     if m.is_main:
-        result["saved"] = save_result(run, loop.state, out)
         result["loss_curve"] = plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curve.png"))
         log.info("saved %s (%.1f KB)", result["saved"]["path"], result["saved"]["bytes"] / 1024)
     return result
 
 
-def save_result(run: Run, state: TrainState, out: str) -> dict:
-    """Writes the adapter (LoRA) or the full model (full fine-tuning); returns what was written and its size."""
-    params = jax.device_get(state.params)
+def save_result(run: Run, state: TrainState, out: str, is_main: bool = True) -> dict:
+    """Writes the adapter (LoRA) or the full model (full fine-tuning); returns what was written and its size.
+    Every process of a multi-process job calls it: the parameters are gathered by all, and the adapter's Orbax
+    save is joined by all; plain files come from process 0 (`is_main`)."""
+    params = state.params
     if run.lora_config is not None:
         path = os.path.join(out, "adapter")
-        adapter, config, base = lora_jax.adapter_params(params, run.lora_config), run.lora_config, params
+        adapter = distributed.to_host(lora_jax.adapter_params(params, run.lora_config))
+        config, base = run.lora_config, params  # the base is fingerprinted where it lies (no gathering)
         if run.initial_adapter is not None:  # PiSSA / OLoRA trained on a residual: save a LoRA of the untouched base
-            base = jax.device_get(run.original_params)
-            adapter, config = plain_lora_on_original(adapter, run.initial_adapter, config)
+            base = run.original_params
+            adapter, config = plain_lora_on_original(adapter, distributed.to_host(run.initial_adapter), config)
         lora_jax.save_adapter(path, adapter, config, base_model=run.cfg.model.checkpoint or "random-init",
                               base_params=base)
     else:
         path = os.path.join(out, "model")
-        lora_jax.save_pretrained(path, params, run.model.config, generation_config=run.gen,
-                                 tokenizer_dir=run.cfg.model.tokenizer or run.cfg.model.checkpoint)
-    return {"path": path, "bytes": dir_bytes(path)}
+        params = distributed.to_host(params)
+        if is_main:
+            lora_jax.save_pretrained(path, params, run.model.config, generation_config=run.gen,
+                                     tokenizer_dir=run.cfg.model.tokenizer or run.cfg.model.checkpoint)
+        distributed.barrier("lora_jax.train.saved_model")
+    return {"path": path, "bytes": dir_bytes(path)}  # complete on every process: the saves end with a barrier
 
 
 def _write_samples(out: str, sources, preds, refs, n: int) -> None:

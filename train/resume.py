@@ -2,7 +2,8 @@
 
 The fingerprint holds everything that defines the trained model and its optimizer trajectory: every config key except
 those listed in `MAY_DIFFER` (evaluation, logging, checkpoint cadence, where files go, the device mesh), a
-fingerprint of the base weights, the content of the training data, and the tokenizer's vocabulary. Resuming with a
+fingerprint of the base weights, the content of the training data, the tokenizer's vocabulary, and (when dropout is
+on) the layout the dropout masks depend on (`dropout_layout`). Resuming with a
 different fingerprint is refused (`ResumeMismatchError` lists the keys) unless the caller accepts the changes, which
 are then recorded with the run.
 """
@@ -20,7 +21,7 @@ from lora_jax.checkpoints.adapter import base_fingerprint
 
 # Config keys (a trailing "." covers a whole section) that do not change what is trained: they may differ on resume.
 MAY_DIFFER = (
-    "eval.", "mesh.", "model.remat", "model.scan_layers", "model.attention", "train.compile_cache_dir",
+    "eval.", "mesh.", "distributed.", "model.remat", "model.scan_layers", "model.attention", "train.compile_cache_dir",
     "train.eval_batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.log_every",
     "train.output_dir", "train.max_nonfinite_steps", "train.divergence_factor",
     "data.eval_files", "data.test_files", "data.eval_split", "data.test_split", "data.max_eval_examples", "data.num_proc",
@@ -82,6 +83,18 @@ def run_fingerprint(config: Mapping, base_params: Mapping, tokenizer, train_spli
             "tokenizer": tokenizer_digest(tokenizer)}
 
 
+def dropout_layout(dropout_rates, batch_shards: int, rng_impl: str) -> dict | None:
+    """What the dropout masks of a step depend on besides (seed, step), or None when no dropout is on.
+
+    The global batch is the same for any processes x devices layout (each process loads its rows, see
+    TrainBatches.batches), and with the same number of batch shards the masks are too (2x2 and 1x4 and 4x1 train the
+    same run), but a step draws its masks with another PRNG implementation unsharded than sharded, and the sharded
+    one draws them per shard: another device count is another trajectory, so resuming on it is refused."""
+    if not any(rate > 0 for rate in dropout_rates):
+        return None
+    return {"batch_shards": int(batch_shards), "dropout_rng": rng_impl}
+
+
 def fingerprint_changes(saved: Mapping | None, current: Mapping) -> dict[str, list]:
     """{what: [in the checkpoint, now]} for every difference; a checkpoint without a fingerprint differs in all."""
     if saved is None:
@@ -94,6 +107,8 @@ def fingerprint_changes(saved: Mapping | None, current: Mapping) -> dict[str, li
     for key in ("base_weights", "train_data", "tokenizer"):
         if saved.get(key) != current[key]:
             changes[key] = [_short_digest(saved.get(key)), _short_digest(current[key])]
+    if saved.get("layout") != current.get("layout"):  # dropout on: device count and PRNG of the masks
+        changes["layout"] = [saved.get("layout"), current.get("layout")]
     return changes
 
 

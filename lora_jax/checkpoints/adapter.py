@@ -149,11 +149,14 @@ def save_adapter(
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp", dir=parent)
+    tmp, main = _saving_dir(directory), jax.process_index() == 0
     try:
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(os.path.join(tmp, "params"), adapter)
+        ckpt.save(os.path.join(tmp, "params"), adapter)  # several processes: each joins Orbax's collective save
         ckpt.wait_until_finished()
+        if not main:  # process 0 writes the plain files and renames the directory into place
+            _barrier(f"lora_jax.save_adapter.done:{directory}")
+            return directory
         meta["files"] = file_digests(os.path.join(tmp, "params"))
         with open(os.path.join(tmp, META), "w") as f:  # written last: its presence marks a complete adapter
             json.dump(meta, f, indent=2)
@@ -169,7 +172,29 @@ def save_adapter(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _barrier(f"lora_jax.save_adapter.done:{directory}")
     return directory
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _saving_dir(directory: str) -> str:
+    """A fresh temporary sibling of `directory` to write into; in a multi-process job the same path on every process
+    (process 0 clears it first)."""
+    parent, name = os.path.dirname(directory), os.path.basename(directory)
+    if jax.process_count() == 1:
+        return tempfile.mkdtemp(prefix=f".{name}.tmp", dir=parent)
+    tmp = os.path.join(parent, f".{name}.tmp-multiprocess")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(f"lora_jax.save_adapter.start:{directory}")
+    return tmp
 
 
 UNTIED_KEYS = {path_str(p) for p in UNTIED_LEAVES}

@@ -98,16 +98,21 @@ class TrainBatches:
         order = rng.permutation(len(plan))
         return [plan[i] for i in order]
 
-    def batches(self, position: dict | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-        """Yields (batch, position after it) forever, starting at `position` ({"epoch", "batch"}; None = the start)."""
+    def batches(self, position: dict | None = None, rows: slice = slice(None)
+                ) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+        """Yields (batch, position after it) forever, starting at `position` ({"epoch", "batch"}; None = the start).
+
+        rows: which rows of each global batch to load (a process of a multi-process job loads only its own slice,
+        `lora_jax.sharding.host_slice`); the plan, and so the global batch, is the same for every `rows`."""
         epoch, index = (position or {}).get("epoch", 0), (position or {}).get("batch", 0)
         while True:
             plan = self.epoch_plan(epoch)
             if not plan:
                 raise ValueError("no bucket holds a full batch: lower train.batch_size or use data.padding=fixed")
             for k in range(index, len(plan)):
-                (src_len, tgt_len), rows = plan[k]
-                batch = collate([self.examples[i] for i in rows], src_len, tgt_len, self.pad_id, self.decoder_start_id)
+                (src_len, tgt_len), indices = plan[k]
+                batch = collate([self.examples[i] for i in indices[rows]], src_len, tgt_len, self.pad_id,
+                                self.decoder_start_id)
                 yield batch, {"epoch": epoch, "batch": k + 1}
             epoch, index = epoch + 1, 0
 

@@ -10,6 +10,11 @@ Hygiene, so that a damaged directory never costs a good checkpoint:
   by `keep`, never restored again, and never blocks a new save of the same step number.
 - Retention keeps the newest `keep` complete steps, plus the step the caller names as the last trusted one (a
   training loop's last checkpoint vouched for by a good loss), so a diverging run never deletes its last good state.
+- In a multi-process job every process joins each save; Orbax renames a step into place only once every process
+  has written its part, so a step directory on disk is one every process completed (`last_complete_step`), and a
+  save some process never finished stays a temporary directory, removed at the next start. Files are moved or
+  removed by process 0 alone; SIGTERM then reaches the loop through JAX's preemption sync (`should_stop`), so every
+  process stops at the same step.
 - A save that fails for lack of space raises `CheckpointWriteError` naming the path, the size needed and the free
   space, after removing the partial write; the previous checkpoint is untouched.
 """
@@ -27,11 +32,22 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from lora_jax import distributed
 from lora_jax.tree import tree_bytes
 
 log = logging.getLogger(__name__)
 TMP_MARKER = ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
+
+
+def last_complete_step(directory: str) -> int | None:
+    """The newest step directory in `directory` (numbered, not temporary or set aside: a save every process of the
+    job finished), or None."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    return max((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))), default=None)
 
 
 class CheckpointWriteError(OSError):
@@ -74,11 +90,13 @@ class TrainCheckpointer:
         self.keep = keep
         self._stop = False
         os.makedirs(self.directory, exist_ok=True)
-        remove_partial_saves(self.directory)
+        if distributed.is_main_process():
+            remove_partial_saves(self.directory)
+        distributed.barrier("lora_jax.checkpoint.open")
         # Retention is `prune`'s (Orbax's max_to_keep cannot protect an older trusted step).
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        if handle_sigterm:
+        if handle_sigterm and jax.process_count() == 1:  # several processes: JAX's preemption sync handles SIGTERM
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):  # preemption: finish the step in flight, save, stop
@@ -135,7 +153,10 @@ class TrainCheckpointer:
     def set_aside(self, step: int, reason: BaseException | str, suffix: str = CORRUPT_SUFFIX,
                   what: str = "is unreadable") -> None:
         """Moves checkpoint `step` (unreadable, or not trusted) out of Orbax's sight to `<step><suffix>`, saying why."""
-        path = move_aside(self.directory, step, suffix)
+        path = os.path.join(self.directory, f"{step}{suffix}")
+        if distributed.is_main_process():
+            path = move_aside(self.directory, step, suffix)
+        distributed.barrier(f"lora_jax.checkpoint.set_aside.{step}{suffix}")
         self.manager.reload()
         detail = reason if isinstance(reason, str) else f"{type(reason).__name__}: {str(reason)[:300]}"
         log.error("checkpoint step %d in %s %s (%s); moved it to %s", step, self.directory, what, detail, path)
