@@ -12,7 +12,7 @@ import pytest
 
 import lora_jax
 from lora_jax.generation import GenerationConfig, generate, num_compilations, process_scores
-from lora_jax.serving import AdapterServer
+from lora_jax.generation.serving import AdapterServer
 from tests.conftest import MODEL_DIR
 from tests.multi_helpers import adapters_for
 

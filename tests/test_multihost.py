@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from lora_jax.distributed import PEER_FAULT_EXIT_CODE, LaunchSettings, launch_plan
+from lora_jax.sharding.distributed import PEER_FAULT_EXIT_CODE, LaunchSettings, launch_plan
 from lora_jax.training.checkpoint import last_complete_step
 from tests.conftest import FIXTURE, MODEL_DIR
 from tests.multihost import kill_all, launch, wait_all
@@ -234,12 +234,12 @@ def test_elastic_resume_on_another_host_count_and_refusal_of_another_layout(work
      {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}),  # --set beats the environment
 ])
 def test_launch_plan(env, settings, want, monkeypatch):
-    monkeypatch.setattr("lora_jax.distributed._on_cloud_tpu_vm", lambda: False)
+    monkeypatch.setattr("lora_jax.sharding.distributed._on_cloud_tpu_vm", lambda: False)
     assert launch_plan(LaunchSettings(**settings), env) == want
 
 
 def test_launch_plan_on_a_tpu_vm_lets_jax_detect_the_pod(monkeypatch):
-    monkeypatch.setattr("lora_jax.distributed._on_cloud_tpu_vm", lambda: True)
+    monkeypatch.setattr("lora_jax.sharding.distributed._on_cloud_tpu_vm", lambda: True)
     assert launch_plan(LaunchSettings(), {}) == {}
 
 
@@ -250,6 +250,6 @@ def test_launch_plan_on_a_tpu_vm_lets_jax_detect_the_pod(monkeypatch):
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "two", "PROCESS_ID": "0"}, "must be an integer"),
 ])
 def test_half_specified_launches_are_refused(env, message, monkeypatch):
-    monkeypatch.setattr("lora_jax.distributed._on_cloud_tpu_vm", lambda: False)
+    monkeypatch.setattr("lora_jax.sharding.distributed._on_cloud_tpu_vm", lambda: False)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         launch_plan(LaunchSettings(), env)

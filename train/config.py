@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 
-from lora_jax.distributed import LaunchSettings
+from lora_jax.sharding.distributed import LaunchSettings
 from lora_jax.generation.config import GenerationConfig
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.attention import ATTENTION_IMPLEMENTATIONS
@@ -161,7 +161,7 @@ EvalSection = derived_section("EvalSection", GenerationConfig, names=EVAL_GENERA
 
 
 # `distributed`: how this process joins a multi-process job (None: from the launcher's environment; see
-# lora_jax/distributed.py) and how long a silent peer is waited for before every process stops.
+# lora_jax/sharding/distributed.py) and how long a silent peer is waited for before every process stops.
 DistributedSection = derived_section("DistributedSection", LaunchSettings)
 
 
@@ -345,7 +345,7 @@ def to_lora_config(cfg: RunConfig) -> LoraConfig | None:
 
 
 def to_launch_settings(cfg: RunConfig) -> LaunchSettings:
-    """The distributed section as lora_jax.distributed.LaunchSettings."""
+    """The distributed section as lora_jax.sharding.distributed.LaunchSettings."""
     return LaunchSettings(**dataclasses.asdict(cfg.distributed))
 
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         return 2
 
     import lora_jax
-    from lora_jax import distributed
+    from lora_jax.sharding import distributed
     from lora_jax.checkpoints.adapter import load_adapter, save_adapter
     from lora_jax.checkpoints.files import write_directory
     from lora_jax.checkpoints.merged import export_merged

@@ -111,7 +111,7 @@ def release_own_lock(directory: str) -> None:
 def job_lock(directory: str):
     """Holds `<directory>/.lock` for a whole (possibly multi-process) job: process 0 takes it and every process
     raises OutputDirLockedError when it could not (a collective: every process of the job must enter it)."""
-    from lora_jax import distributed
+    from lora_jax.sharding import distributed
 
     lock, error = OutputDirLock(directory), None
     main = distributed.is_main_process()

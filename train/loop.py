@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 import lora_jax
-from lora_jax import distributed, sharding
+from lora_jax import sharding
+from lora_jax.sharding import distributed
 from lora_jax.checkpoints.files import dir_bytes
 from lora_jax.data import TrainBatches
 from lora_jax.lora.residual_init import plain_lora_on_original

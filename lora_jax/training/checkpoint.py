@@ -32,7 +32,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from lora_jax import distributed
+from lora_jax.sharding import distributed
 from lora_jax.tree import tree_bytes
 
 log = logging.getLogger(__name__)

@@ -134,9 +134,9 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
 
 def maybe_initialize_distributed(settings=None) -> bool:
     """Joins the multi-process job this process was launched into (coordinator variables, SLURM with more than one
-    task, Open MPI, a TPU pod; see `lora_jax.distributed.launch_plan`); a no-op for one process. Returns whether the
+    task, Open MPI, a TPU pod; see `lora_jax.sharding.distributed.launch_plan`); a no-op for one process. Returns whether the
     job has several processes."""
-    from lora_jax import distributed
+    from lora_jax.sharding import distributed
 
     return distributed.initialize(settings or distributed.LaunchSettings())
 
