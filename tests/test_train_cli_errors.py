@@ -87,3 +87,12 @@ def test_evaluate_with_a_damaged_adapter_is_one_line(tmp_path, rows, tiny):
     out, errors = _run("train.evaluate", _config(tmp_path, rows), "--adapter", adapter, "--split", "eval")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(errors) == 1 and errors[0].startswith(f"error: {meta} is not valid JSON ("), out.stderr
+
+
+def test_batch_that_does_not_divide_over_the_devices_is_one_line(tmp_path, rows):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-m", "train", "--config", str(_config(tmp_path, rows, batch_size=6))],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "train.batch_size=6 does not divide over the mesh's 4 devices" in out.stderr
+    assert "multiple of 4" in out.stderr

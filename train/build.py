@@ -89,6 +89,10 @@ def generation_settings(cfg: RunConfig, model) -> GenerationConfig:
 def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = None) -> Run:
     """Loads model, tokenizer and data, and applies the LoRA config (fresh adapters, or `adapter_dir`'s)."""
     mesh = sharding.make_mesh(cfg.mesh)
+    if for_training and cfg.train.batch_size % mesh.size:
+        # every device takes an equal share of the batch axis; checked before the weights load
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over the mesh's {mesh.size} devices "
+                         f"(data x fsdp): set train.batch_size to a multiple of {mesh.size}")
     model, params = load_model(cfg, mesh)
     # rematerialisation, scanned layers, attention path: how the model computes; parameters unchanged
     model = model.clone(remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)

@@ -66,6 +66,9 @@ class AdapterServer:
 
     def load(self, name: str, adapter: Mapping, config: LoraConfig, slot: int | None = None) -> int:
         """Puts adapter `name` into a slot (its own if loaded, else `slot`, else a free one) and returns the slot."""
+        if slot is None and name not in self.info.names and all(self.info.names[int(self.info.base_slot):]):
+            raise ValueError(f"no free slot for adapter {name!r} (loaded: {self.adapters}); free one with "
+                             f"server.unload(name), or replace one with server.load({name!r}, ..., slot=k)")
         self.stacked, self.info = replace_adapter(self.stacked, self.info, name, adapter, config, slot)
         return self.info.slot(name)
 
