@@ -40,7 +40,7 @@ def destination_problem(args) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m train.export",
         description="Convert a lora_jax adapter (Orbax, written by training to <output_dir>/adapter) to a PEFT adapter "
@@ -59,49 +59,57 @@ def main(argv=None) -> int:
     dst.add_argument("--adapter-out", help="write a lora_jax adapter here (with --from-peft)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the output directory if it is not empty (the new export takes its place whole)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def write_export(args, main_process: bool):
+    """Loads the base and the adapter and writes the export (plain files from process 0 only); returns (the directory
+    written, the LoraConfig)."""
+    import lora_jax
+    from lora_jax.checkpoints.adapter import load_adapter, save_adapter
+    from lora_jax.checkpoints.files import write_directory
+    from lora_jax.checkpoints.merged import export_merged
+    from lora_jax.checkpoints.peft import export_peft, import_peft
+    from lora_jax.generation import load_generation_config
+
+    model, base = lora_jax.load_pretrained(args.base)
+    if args.adapter:
+        adapter, config, _ = load_adapter(args.adapter, base_params=base)
+    else:
+        adapter, config = import_peft(args.from_peft, base_params=base, base_model=args.base)
+    params = lora_jax.combine(base, adapter)
+    local_base = args.base if os.path.isdir(args.base) else None
+    if args.peft and main_process:
+        write_directory(args.peft, lambda d: export_peft(d, params, config, args.base, base_params=base))
+    elif args.merged and main_process:
+        gen = load_generation_config(local_base) if local_base else None
+        write_directory(args.merged, lambda d: export_merged(d, params, config, model.config, tokenizer_dir=local_base,
+                                                             generation_config=gen))
+    elif args.adapter_out:
+        # save_adapter writes beside and renames into place itself, and every process joins its Orbax save
+        save_adapter(args.adapter_out, params, config, base_model=args.base, base_params=base)
+    return next(getattr(args, f) for f in DESTINATIONS if getattr(args, f)), config
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     problem = destination_problem(args)
     if problem:
         print(f"export failed: {problem}", file=sys.stderr)
         return 2
 
-    import lora_jax
     from lora_jax.sharding import distributed
-    from lora_jax.checkpoints.adapter import load_adapter, save_adapter
-    from lora_jax.checkpoints.files import write_directory
-    from lora_jax.checkpoints.merged import export_merged
-    from lora_jax.generation import load_generation_config
-    from lora_jax.checkpoints.peft import export_peft, import_peft
 
     try:
         # Launched as several processes (srun, a pod): every process reads, process 0 alone writes plain files, and
         # all of them join the Orbax save of --adapter-out.
         distributed.initialize()
-        main = distributed.is_main_process()
-        model, base = lora_jax.load_pretrained(args.base)
-        if args.adapter:
-            adapter, config, _ = load_adapter(args.adapter, base_params=base)
-        else:
-            adapter, config = import_peft(args.from_peft, base_params=base, base_model=args.base)
-        params = lora_jax.combine(base, adapter)
-        local_base = args.base if os.path.isdir(args.base) else None
-        if args.peft:
-            if main:
-                write_directory(args.peft, lambda d: export_peft(d, params, config, args.base, base_params=base))
-        elif args.merged:
-            gen = load_generation_config(local_base) if local_base else None
-            if main:
-                write_directory(args.merged, lambda d: export_merged(d, params, config, model.config,
-                                                                     tokenizer_dir=local_base, generation_config=gen))
-        else:
-            # save_adapter writes beside and renames into place itself, and every process joins its Orbax save
-            save_adapter(args.adapter_out, params, config, base_model=args.base, base_params=base)
-        out = next(getattr(args, f) for f in DESTINATIONS if getattr(args, f))
+        main_process = distributed.is_main_process()
+        out, config = write_export(args, main_process)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     distributed.barrier("lora_jax.export.done")  # no process reports success before process 0 has written
-    if main:
+    if main_process:
         print(json.dumps({"written": out, "lora": config.to_dict()}))
     return 0
 
