@@ -25,6 +25,7 @@ from lora_jax import sharding
 from lora_jax.sharding import distributed
 from lora_jax.checkpoints.files import dir_bytes
 from lora_jax.data import TrainBatches
+from lora_jax.generation.config import model_generation_config
 from lora_jax.lora.residual_init import plain_lora_on_original
 from lora_jax.models.bart import IGNORE
 from lora_jax.training import TrainCheckpointer, TrainState
@@ -386,7 +387,10 @@ def save_result(run: Run, state: TrainState, out: str, is_main: bool = True) -> 
         path = os.path.join(out, "model")
         params = distributed.to_host(params)
         if is_main:
-            lora_jax.save_pretrained(path, params, run.model.config, generation_config=run.gen,
+            # the base checkpoint's generation settings go with the model (as transformers' Trainer saves them);
+            # the run's eval: overrides were for scoring and stay in config.json of the run
+            lora_jax.save_pretrained(path, params, run.model.config,
+                                     generation_config=model_generation_config(run.model),
                                      tokenizer_dir=run.cfg.model.tokenizer or run.cfg.model.checkpoint)
         distributed.barrier("lora_jax.train.saved_model")
     return {"path": path, "bytes": dir_bytes(path)}  # complete on every process: the saves end with a barrier
