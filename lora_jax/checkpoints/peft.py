@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from lora_jax.checkpoints.files import atomic_write
 from lora_jax.checkpoints.hf import torch_key
+from lora_jax.checkpoints.peft_patterns import resolve_peft_patterns
 from lora_jax.checkpoints.peft_weights import reconcile_config
 from lora_jax.checkpoints.safetensors_io import load_tensors, save_tensors
 from lora_jax.lora.config import LoraConfig
@@ -257,7 +258,9 @@ def import_peft(directory: str, *, trust_weights: bool = False) -> tuple[dict, L
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
     with open(config_path) as f:
-        config = lora_config_from_peft(json.load(f))
+        raw = json.load(f)
+    config = lora_config_from_peft(raw)
     flat, keys = _adapter_tree(_read_state(directory))
+    config = resolve_peft_patterns(config, raw, {"/".join(p[:-1]) for p in flat if p[-1] in (LORA_A, LORA_B)})
     config = reconcile_config(config, flat, keys, CONFIG_NAME if not trust_weights else None)
     return unflatten_tree(flat), config
