@@ -19,9 +19,9 @@ LIMIT = 128  # the fixture model's max_position_embeddings
 @pytest.fixture
 def config(tmp_path):
     rows = tmp_path / "train.jsonl"
-    rows.write_text(json.dumps({"source": "a b c", "target": "a"}) + "\n")
-    cfg = {"model": {"checkpoint": MODEL_DIR}, "data": {"train_files": str(rows)},
-           "train": {"output_dir": str(tmp_path / "out"), "num_steps": 2, "compile_cache_dir": None}}
+    rows.write_text("".join(json.dumps({"source": f"a b c {i}", "target": "a"}) + "\n" for i in range(2)))
+    cfg = {"model": {"checkpoint": MODEL_DIR}, "data": {"train_files": str(rows)}, "eval": {"rouge_before": False},
+           "train": {"output_dir": str(tmp_path / "out"), "num_steps": 2, "batch_size": 2, "compile_cache_dir": None}}
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(cfg))
     return str(path)
@@ -64,3 +64,22 @@ def test_analyze_names_a_bad_layers_regex(tmp_path, capsys):
     assert analyze.main(["--adapter", str(tmp_path / "none"), "--layers", "([", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --layers '([' is not a valid regex: ") and "Traceback" not in err
+
+
+def test_resume_with_changes_that_alter_shapes_is_one_line(tmp_path, config, capsys):
+    """The failed restore of a checkpoint whose arrays no longer fit (lora.rank 4 -> 8) is the error line only:
+    none of the asyncio reports of the reads it abandoned ("Event loop is closed", "Task exception was never
+    retrieved")."""
+    import subprocess
+    import sys
+
+    assert train_main(["--config", config, "--set", "lora.rank=4", "--set", "train.num_steps=1",
+                       "--set", "train.save_every=1"]) == 0
+    capsys.readouterr()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "train", "--config", config, "--set", "lora.rank=8",
+                          "--resume-with-changes"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not fit this run's arrays" in errors[0]
