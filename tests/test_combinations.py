@@ -8,6 +8,7 @@ int8 / NF4 bases merge into their dequantised float32 kernels) and 2e-2 x max|lo
 kernel is rounded to bfloat16 once); the stack's logits against the row's own within 1e-4 x max|logit|.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -36,9 +37,15 @@ def _batch(ref):
     return {k: jnp.asarray(np.tile(ref[k], (2, 1)), jnp.int32) for k in keys}  # 4 rows: 2 micro-batches x 2 devices
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, input_ids, attention_mask, decoder_input_ids, kwargs):
+    # One compiled function for every row: rows whose model (hashable, compared by value) and tree agree share it.
+    return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, **kwargs)
+
+
 def _logits(model, params, ref, **kwargs):
-    return np.asarray(jax.jit(lambda p: model.apply({"params": p}, ref["input_ids"], ref["attention_mask"],
-                                                     ref["decoder_input_ids"], **kwargs))(params), np.float32)
+    args = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    return np.asarray(_forward(model, params, *args, kwargs), np.float32)
 
 
 def _np(tree):
