@@ -86,7 +86,8 @@ def run_row(row, tiny, ref, tmp) -> dict:
     _assert_trees_equal(imported, adapter, "PEFT round trip")
     for module in {k.rsplit("/", 1)[0] for k in flatten_paths(adapter) if k.endswith("lora_a")}:
         assert peft_config.scale_for(module) == pytest.approx(config.scale_for(module)), module
-    result = {"losses": losses, "merge_diff": float(np.abs(merged - unmerged).max()), "scale": scale}
+    result = {"losses": losses, "compilations": compilations, "merge_diff": float(np.abs(merged - unmerged).max()),
+              "scale": scale}
     if row["stack"]:
         other = jax.tree_util.tree_map(lambda x: 0.5 * np.asarray(x) + 0.01, adapter)
         stacked, info = lora_jax.stack_adapters({"row": adapter, "other": other}, {"row": config, "other": config})
