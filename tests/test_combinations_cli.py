@@ -33,13 +33,13 @@ def runs(tmp_path_factory, data_dir):
 
 
 @pytest.mark.parametrize("name", ROWS)
-def test_row_trains_evaluates_and_saves(runs, name):
+def test_row_trains_and_saves(runs, name):
     out_dir, proc = runs[name]
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["train_compilations"] >= 1
     assert all(np.isfinite(v) for v in _losses(str(out_dir)).values())
-    assert (out_dir / "adapter" / "adapter_meta.json").exists() and "rouge_after" in summary
+    assert (out_dir / "adapter" / "adapter_meta.json").exists()
 
 
 def test_the_pattern_adapter_summarizes(runs, tmp_path):
