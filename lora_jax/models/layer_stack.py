@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lora_jax.lora.leaves import LORA_A, LORA_B
 from lora_jax.models.config import BartConfig
 from lora_jax.tree import merge_trees
 
@@ -52,6 +51,9 @@ def remat_policy(name: str | None):
 
 
 STACKED = "stacked"  # a layer stack's key for leaves pre-stacked by `stack_layers` (leading axis: the layer)
+# Leaves whose rank axis a scan may zero-pad: LoRA's lora_a (in, r) and lora_b (r, out) (lora_jax.lora.leaves; named
+# here because models sit below lora and do not import it).
+LORA_A, LORA_B = "lora_a", "lora_b"
 NOT_CARRIED = ("cache", "intermediates")  # mutable collections: a scan body neither reads nor writes them
 
 
