@@ -149,17 +149,31 @@ def test_scan_falls_back_when_layers_differ(tiny, ref):
     chex.assert_trees_all_close(got, want, atol=LOGIT_ATOL, rtol=0)
 
 
-def test_per_path_alpha_is_honoured_under_scan(tiny, ref):
-    """alpha_pattern gives layer 1 another scale with the same shapes; a scanned body has one path for every layer,
-    so LoraModel runs such a model unrolled and the per-layer scale holds."""
+# Per-path scales and ranks under a scan (issue 24): an alpha on one layer only, a rank on one layer only (the scan
+# pads it), a rank for every fc1 (PEFT-style module name).
+PATTERNS = {
+    "alpha on layer 1": dict(targets=("q_proj",), alpha_pattern={"layers/1/self_attn/q_proj": 40.0}),
+    "rank on layer 0": dict(targets=("q_proj", "fc1"), rank_pattern={"encoder/layers/0/fc1": 5}, use_rslora=True),
+    "rank for fc1": dict(targets=("q_proj", "fc1"), rank_pattern={"fc1": 8}, alpha_pattern={"q_proj": 3.0}),
+}
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_per_path_scales_and_ranks_are_scanned(tiny, ref, name):
+    """Pattern keys with scanned layers: the scan runs (the per-layer scales are data it carries, uneven ranks are
+    zero-padded), with per-layer or pre-stacked frozen weights, and gives the unrolled model's logits."""
     model, params = tiny
-    config = lora_jax.LoraConfig(rank=2, alpha=4, targets=("q_proj",), alpha_pattern={"layers/1/self_attn/q_proj": 40.0})
-    adapted = lora_jax.init_lora(params, config, jax.random.PRNGKey(0))
-    adapted = jax.tree_util.tree_map(lambda x: x + 0.05, adapted)
+    config = lora_jax.LoraConfig(rank=2, alpha=4, **PATTERNS[name])
+    adapted = jax.tree_util.tree_map(lambda x: x + 0.05, lora_jax.init_lora(params, config, jax.random.PRNGKey(0)))
     args = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
-    got = lora_jax.LoraModel(model.clone(scan_layers=True), config).apply({"params": adapted}, *args)
+    scanned = lora_jax.LoraModel(model.clone(scan_layers=True), config)
+    assert scanned.apply({"params": adapted, "lora_scales": lora_jax.lora.apply.scale_tree(adapted, config)},
+                         method=lambda m: m.model.encoder.layers.scannable())
     want = lora_jax.LoraModel(model, config).apply({"params": adapted}, *args)
-    chex.assert_trees_all_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    trainable, frozen = lora_jax.split_trainable(adapted, config)
+    for tree in (adapted, lora_jax.combine(stack_layers(frozen), trainable)):
+        got = jax.jit(lambda p: scanned.apply({"params": p}, *args))(tree)
+        chex.assert_trees_all_close(got, want, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_scanned_train_step_matches_unrolled_without_dropout(tiny_no_dropout, batch):
@@ -213,13 +227,15 @@ def test_stack_layers_round_trip_and_scanned_forward(adapted, ref):
         lora_jax.LoraModel(model, LORA).apply({"params": stacked}, *inputs)
 
 
-def test_pre_stacked_layers_refuse_uneven_per_layer_leaves(tiny, ref):
-    """Adapters on one layer only beside pre-stacked frozen weights: no scan can combine them, and the error says so
-    and names the way out (unstack_layers)."""
+def test_pre_stacked_layers_beside_uneven_per_layer_leaves(tiny, ref):
+    """Adapters on one layer only beside pre-stacked frozen weights: no scan can combine them, so each layer runs on
+    its slice of the stacked weights, and the logits are the per-layer tree's."""
     model, params = tiny
     config = lora_jax.LoraConfig(rank=2, alpha=4, targets=("encoder/layers/0/self_attn/q_proj",))
-    trainable, frozen = lora_jax.split_trainable(lora_jax.init_lora(params, config, jax.random.PRNGKey(0)), config)
+    adapted = jax.tree_util.tree_map(lambda x: x + 0.05, lora_jax.init_lora(params, config, jax.random.PRNGKey(0)))
+    trainable, frozen = lora_jax.split_trainable(adapted, config)
     args = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
-    with pytest.raises(ValueError, match="same per-layer leaves.*unstack_layers"):
-        lora_jax.LoraModel(model.clone(scan_layers=True), config).apply(
-            {"params": lora_jax.combine(stack_layers(frozen), trainable)}, *args)
+    got = lora_jax.LoraModel(model.clone(scan_layers=True), config).apply(
+        {"params": lora_jax.combine(stack_layers(frozen), trainable)}, *args)
+    want = lora_jax.LoraModel(model, config).apply({"params": adapted}, *args)
+    chex.assert_trees_all_close(got, want, atol=LOGIT_ATOL, rtol=0)

@@ -181,7 +181,7 @@ Unrelated()
 def test_damaged_adapter_without_digests_fails_quietly(tmp_path, tiny, trained):
     """Adapters saved before digests were recorded go straight to Orbax: one error naming the directory, and none of
     the 'Event loop is closed' tracebacks or 'Task exception was never retrieved' logs that TensorStore's late
-    callbacks print (lora_jax/checkpoints/orbax_reads.py); other unraisable errors are still printed."""
+    callbacks print (lora_jax/training/orbax_reads.py); other unraisable errors are still printed."""
     import json
     import subprocess
     import sys

@@ -107,7 +107,7 @@ ALLOWED_IMPORTS = {
     "lora_jax.generation": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization", "lora_jax.lora",
                             "lora_jax.models", "lora_jax.training"),
     "lora_jax.checkpoints": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization", "lora_jax.sharding",
-                             "lora_jax.lora", "lora_jax.models", "lora_jax.generation"),
+                             "lora_jax.lora", "lora_jax.models", "lora_jax.training", "lora_jax.generation"),
 }
 MAX_LOOSE_MODULES = 3
 

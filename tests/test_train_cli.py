@@ -132,10 +132,16 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, data_dir):
     proc = subprocess.Popen(_cmd(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(tmp_path / "preempted", 3, proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=300)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0 and summary["stopped_early"] is True and summary["steps"] < 300
+    assert proc.returncode == 143 and summary["stopped_early"] is True and summary["steps"] < 300
     assert os.listdir(tmp_path / "preempted" / "checkpoints") == [str(summary["steps"])]
+    saved = json.loads((tmp_path / "preempted" / "summary.json").read_text())
+    assert saved["status"] == "stopped_early" and "adapter" not in os.listdir(tmp_path / "preempted")
+    checkpoint = str(tmp_path / "preempted" / "checkpoints" / str(summary["steps"]))
+    error = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert error == [f"error: stopped by SIGTERM after step {summary['steps']} of 300; the checkpoint is saved at "
+                     f"{checkpoint}; run the same command again to resume"]
     out = _run(_cmd(config, "--set", "train.num_steps=300"))
     assert f"resumed from step {summary['steps']}" in out.stderr
     assert max(_losses(tmp_path / "preempted")) == 300

@@ -9,6 +9,8 @@ import sys
 from lora_jax.training.runtime import enable_compilation_cache, use_memory_aware_cpu_scheduler
 from train.config import ConfigError, load_config
 
+STOPPED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train", description="Fine-tune BART with LoRA (or fully) with lora_jax.")
@@ -43,6 +45,11 @@ def main(argv=None) -> int:
         return 3 if isinstance(e, TrainingDivergedError) else 2
     print(json.dumps({k: summary.get(k) for k in ("steps", "stopped_early", "train_compilations", "train_compile_s", "eval_loss",
                                                   "rouge_before", "rouge_after", "trainable_params", "saved")}, default=float))
+    if summary.get("stopped_early"):
+        # A preempted run is not a finished one: a job system must not count it as complete.
+        print(f"error: stopped by SIGTERM after step {summary['steps']} of {cfg.train.num_steps}; the checkpoint is saved "
+              f"at {summary['checkpoint']}; run the same command again to resume", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -71,6 +72,11 @@ def plot_similarity(similarity: dict[str, np.ndarray], path: str, names: tuple[s
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.layers is not None:
+        try:
+            re.compile(args.layers)
+        except re.error as e:
+            raise ValueError(f"--layers {args.layers!r} is not a valid regex: {e}") from None
     base = lora_jax.load_pretrained(args.base)[1] if args.base else None
     adapter, config, _ = lora_jax.load_adapter(args.adapter, base_params=base)
     os.makedirs(args.out, exist_ok=True)

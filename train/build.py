@@ -4,6 +4,7 @@ splits, generation settings and the optimizer."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 import jax
@@ -19,6 +20,7 @@ from lora_jax.generation.config import model_generation_config
 from lora_jax.lora import LoraConfig, LoraModel
 from lora_jax.checkpoints.peft import load_any_adapter
 from lora_jax.lora.residual_init import initial_adapter
+from lora_jax.models.attention import check_attention_backend
 from lora_jax.models.bart import BartForConditionalGeneration, init_params
 from lora_jax.models.config import BartConfig
 from lora_jax.quantization import QuantSpec, quantize_base
@@ -86,6 +88,26 @@ def generation_settings(cfg: RunConfig, model) -> GenerationConfig:
     return model_generation_config(model).replace(**generation_overrides(cfg))
 
 
+def fit_to_model(cfg: RunConfig, config: BartConfig) -> RunConfig:
+    """`cfg` checked against the model, before any data or training work: a sequence length beyond its learned
+    positions is refused when set (every batch would fail at evaluation) and, left at its default, lowered to the
+    model's limit with a note; cuDNN attention without a GPU is refused."""
+    limit, data = config.max_position_embeddings, cfg.data
+    defaults = {f.name: f.default for f in dataclasses.fields(data)}
+    for name in ("max_source_length", "max_target_length"):
+        value = getattr(data, name)
+        if value <= limit:
+            continue
+        if value != defaults[name]:
+            raise ValueError(f"data.{name}={value} exceeds the model's max_position_embeddings ({limit}): the model has "
+                             f"no positions beyond it; set data.{name} <= {limit}")
+        logging.getLogger("train").info("data.%s: the default %d exceeds the model's max_position_embeddings; using %d",
+                                        name, value, limit)
+        data = dataclasses.replace(data, **{name: limit})
+    check_attention_backend(cfg.model.attention, "model.attention")
+    return dataclasses.replace(cfg, data=data)
+
+
 def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = None) -> Run:
     """Loads model, tokenizer and data, and applies the LoRA config (fresh adapters, or `adapter_dir`'s)."""
     mesh = sharding.make_mesh(cfg.mesh)
@@ -94,6 +116,7 @@ def build(cfg: RunConfig, for_training: bool = True, adapter_dir: str | None = N
         raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over the mesh's {mesh.size} devices "
                          f"(data x fsdp): set train.batch_size to a multiple of {mesh.size}")
     model, params = load_model(cfg, mesh)
+    cfg = fit_to_model(cfg, model.config)
     # rematerialisation, scanned layers, attention path: how the model computes; parameters unchanged
     model = model.clone(remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
     tokenizer = lora_jax.load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)

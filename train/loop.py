@@ -219,7 +219,9 @@ def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> d
                    stopped_early=loop.stopped_early, **_compile_summary(m), last_train_metrics=loop.last_metrics,
                    skipped_steps=loop.skipped_steps,
                    resume_changes=list(loop.resume_changes))
-    if not loop.stopped_early:
+    if loop.stopped_early:  # preempted: the checkpoint to resume from, for the exit message and job systems
+        summary["checkpoint"] = os.path.join(m.checkpointer.directory, str(loop.step))
+    else:
         summary.update(finish(run, m, loop))
     _close(m, summary, is_main)
     return summary

@@ -38,7 +38,8 @@ def _parse_args(argv):
     ap.add_argument("--adapter-column", default="adapter")
     ap.add_argument("--summary-column", default="summary")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per generate call (mixed adapters)")
-    ap.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
+    ap.add_argument("--max-source-length", type=int, default=None,
+                    help="inputs are truncated to this many tokens (default and most: the model's max_position_embeddings)")
     ap.add_argument("--method", default="gather", choices=["gather", "grouped"], help="per-example adapter matmul")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--length-penalty", float),
@@ -119,12 +120,39 @@ def encode_batch(token_ids, rows, batch_size: int, max_len: int, pad_id: int):
     return ids, mask
 
 
+def source_limit(requested: int | None, max_positions: int) -> int:
+    """The source length rows are truncated to: `requested`, at most (and by default) the model's positions; a
+    request above them is said on stderr."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"--max-source-length must be >= 1, got {requested}")
+    if requested is not None and requested > max_positions:
+        print(f"note: --max-source-length {requested} exceeds the model's max_position_embeddings ({max_positions}); "
+              f"truncating inputs to {max_positions} tokens", file=sys.stderr)
+    return min(requested or max_positions, max_positions)
+
+
+def _say_skipped_and_truncated(texts, lengths, limit: int) -> None:
+    empty = [str(i + 1) for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        print(f"note: row{'s' if len(empty) > 1 else ''} {', '.join(empty)}: empty text, summary left empty",
+              file=sys.stderr)
+    cut = sum(n > limit for n in lengths)
+    if cut:
+        print(f"note: {cut} of {len(texts)} rows truncated to {limit} tokens (the model's limit or "
+              "--max-source-length); the rest of those texts was not read", file=sys.stderr)
+
+
 def summarize_rows(server, tokenizer, rows, args, progress=None) -> tuple[list[str], int]:
-    """Summaries of `rows` in input order, and the number of generated tokens."""
+    """Summaries of `rows` in input order, and the number of generated tokens. A row whose text is empty (or only
+    whitespace) gets "" without generating; texts are truncated to args.max_source_length tokens."""
     texts = [row[args.text_column] for row in rows]
-    token_ids = tokenizer(texts, truncation=True, max_length=args.max_source_length)["input_ids"]
-    summaries, generated = [None] * len(rows), 0
-    for batch in plan_batches([len(t) for t in token_ids], args.batch_size):
+    full = tokenizer(texts)["input_ids"]
+    _say_skipped_and_truncated(texts, [len(t) for t in full], args.max_source_length)
+    token_ids = [t[: args.max_source_length - 1] + t[-1:] if len(t) > args.max_source_length else t for t in full]
+    summaries, generated = [""] * len(rows), 0
+    todo = [i for i, text in enumerate(texts) if text.strip()]
+    for batch in plan_batches([len(token_ids[i]) for i in todo], args.batch_size):
+        batch = [todo[i] for i in batch]
         ids, mask = encode_batch(token_ids, batch, args.batch_size, args.max_source_length, tokenizer.pad_token_id)
         names = [rows[r].get(args.adapter_column) for r in batch] + [None] * (args.batch_size - len(batch))
         out = server.generate(ids, mask, names)[: len(batch)]
@@ -148,7 +176,7 @@ def _build_server(args, specs):
     server = AdapterServer(model, base, adapters={n: a for n, (a, _) in loaded.items()},
                            configs={n: c for n, (_, c) in loaded.items()}, slots=max(len(loaded), 1),
                            method=args.method, **overrides)
-    return server, lora_jax.load_tokenizer(args.base)
+    return server, lora_jax.load_tokenizer(args.base), model.config.max_position_embeddings
 
 
 def _open_lines(path: str):
@@ -160,6 +188,19 @@ def _open_lines(path: str):
         return f.readlines()
 
 
+def _prepare_output(path: str) -> None:
+    """Creates --output's directory up front, so a bad path fails before any generation work."""
+    if path == "-":
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--output {path}: cannot create its directory ({e.strerror}: {e.filename})") from None
+    if os.path.isdir(path) or not os.access(directory, os.W_OK):
+        raise OSError(f"--output {path}: not a writable file path (a directory, or {directory} is not writable)")
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     from tqdm import tqdm
@@ -169,7 +210,11 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         rows = read_rows(_open_lines(args.input), args.text_column, args.adapter_column, specs, args.input == "-")
-        server, tokenizer = _build_server(args, specs)
+        if not rows:
+            raise ValueError(f"{'stdin' if args.input == '-' else '--input ' + args.input} holds no rows to summarize")
+        _prepare_output(args.output)
+        server, tokenizer, max_positions = _build_server(args, specs)
+        args.max_source_length = source_limit(args.max_source_length, max_positions)
         start = time.perf_counter()
         with tqdm(total=len(rows), desc="summarize", disable=args.no_progress, file=sys.stderr) as bar:
             summaries, generated = summarize_rows(server, tokenizer, rows, args, bar)
@@ -181,8 +226,9 @@ def main(argv=None) -> int:
     if args.output == "-":
         sys.stdout.write(lines)
     else:
-        with open(args.output, "w") as f:
-            f.write(lines)
+        from lora_jax.checkpoints.files import atomic_write
+
+        atomic_write(args.output, lines)
     print(json.dumps({"rows": len(rows), "adapters": sorted(specs), "generated_tokens": generated,
                       "seconds": round(seconds, 2), "compilations": server.num_compilations()}), file=sys.stderr)
     return 0

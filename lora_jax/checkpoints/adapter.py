@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax.checkpoints import orbax_reads
+from lora_jax.training import orbax_reads
 from lora_jax.checkpoints.files import damaged_files, file_digests
 from lora_jax.lora.config import LoraConfig
 from lora_jax.quantization import dequantize

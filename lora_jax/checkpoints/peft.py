@@ -20,6 +20,7 @@ import numpy as np
 from lora_jax.checkpoints.adapter import base_fingerprint, check_adapter_fits, check_fingerprint, load_adapter
 from lora_jax.checkpoints.files import MODEL_FILES, atomic_write, refuse_mixed_directory
 from lora_jax.checkpoints.hf import torch_key
+from lora_jax.checkpoints.peft_patterns import resolve_peft_patterns
 from lora_jax.checkpoints.peft_fields import checked_numbers, field_problems
 from lora_jax.checkpoints.peft_selection import check_selection_fields, drop_deselected, missing_targets, narrows_targets
 from lora_jax.checkpoints.peft_weights import config_from_weights, reconcile_config
@@ -325,6 +326,7 @@ def import_peft(directory: str, *, trust_weights: bool = False, base_params: Map
     config = lora_config_from_peft(cfg)
     flat, keys = _adapter_tree(_read_state(directory), TRAINING_ONLY if cfg.get("velora_config") else ())
     flat, keys, dropped = drop_deselected(cfg, flat, keys, CONFIG_NAME if not trust_weights else None)
+    config = resolve_peft_patterns(config, cfg, {"/".join(p[:-1]) for p in flat if p[-1] in (LORA_A, LORA_B)})
     config = reconcile_config(config, flat, keys, CONFIG_NAME if not trust_weights else None)
     if base_params is not None:
         missing = missing_targets(config, cfg, flat, base_params)

@@ -24,7 +24,40 @@ import jax.numpy as jnp
 from lora_jax.lora import dora
 from lora_jax.lora.config import LoraConfig
 from lora_jax.quantization import dequantize
-from lora_jax.lora.leaves import LORA_A, LORA_B, LORA_MAGNITUDE
+from lora_jax.lora.leaves import LORA_A, LORA_B, LORA_MAGNITUDE, SCALE_LEAF, SCALES_COLLECTION
+from lora_jax.tree import flatten_tree, unflatten_tree
+
+STACKED = "stacked"  # lora_jax.models.layer_stack.STACKED (not imported: models import this package)
+
+
+def _module_scale(module: nn.Module, config: LoraConfig) -> Any:
+    """The adapter scale of `module`: from LoraModel's `lora_scales` collection when it has one (per-path scales,
+    carried through scanned layers as data), else from the config by the module's path."""
+    if module.has_variable(SCALES_COLLECTION, SCALE_LEAF):
+        return module.get_variable(SCALES_COLLECTION, SCALE_LEAF)
+    return config.scale_for("/".join(module.path))
+
+
+def _stacked_scale(path: tuple, config: LoraConfig, num_layers: int) -> jax.Array:
+    # A module inside pre-stacked layers: one scale per layer, (num_layers,).
+    at = path.index(STACKED)
+    return jnp.asarray([config.scale_for("/".join(path[:at] + (str(i),) + path[at + 1:])) for i in range(num_layers)],
+                       jnp.float32)
+
+
+def scale_tree(params, config: LoraConfig) -> dict:
+    """{module path: {"scale": float32 ()}} for every module of `params` holding `lora_a` (a module inside pre-stacked
+    layers: (num_layers,)), nested like `params`: LoraModel's `lora_scales` collection."""
+    out = {}
+    for path, a in flatten_tree(params).items():
+        if path[-1] != LORA_A:
+            continue
+        module = path[:-1]
+        if STACKED in module:
+            out[module + (SCALE_LEAF,)] = _stacked_scale(module, config, a.shape[0])
+        else:
+            out[module + (SCALE_LEAF,)] = jnp.float32(config.scale_for("/".join(module)))
+    return unflatten_tree(out)
 
 
 def _adapter_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -47,7 +80,7 @@ def _embed_with_lora(next_fun, args, kwargs, context, config: LoraConfig):
         delta = jnp.take(a, x, axis=0) @ b
     else:
         delta = (x.astype(a.dtype) @ b.T) @ a.T
-    return y + (config.scale_for("/".join(module.path)) * delta).astype(y.dtype)
+    return y + (_module_scale(module, config) * delta).astype(y.dtype)
 
 
 def lora_interceptor(config: LoraConfig):
@@ -71,7 +104,7 @@ def lora_interceptor(config: LoraConfig):
         x_d = x
         if config.dropout > 0.0 and module.has_rng("dropout"):
             x_d = _adapter_dropout(module, x, config.dropout)
-        scale = config.scale_for("/".join(module.path))
+        scale = _module_scale(module, config)
         if module.has_variable("params", LORA_MAGNITUDE):
             return _dora(module, y, x, x_d, a, b, scale)
         # Mixed precision by trainability: the side branch runs in float32 whatever the base's storage or compute
@@ -107,13 +140,13 @@ class LoraModel:
     lora_config: LoraConfig
 
     def apply(self, variables, *args, **kwargs):
-        module = self.module
-        if getattr(module, "scan_layers", False) and (self.lora_config.rank_pattern or self.lora_config.alpha_pattern):
-            # A scanned layer body has one module path for every layer, so a per-path scale could not be told
-            # apart there: run the layers unrolled (same parameters, same result).
-            module = module.clone(scan_layers=False)
-        with nn.intercept_methods(lora_interceptor(self.lora_config)):
-            return module.apply(variables, *args, **kwargs)
+        config = self.lora_config
+        if (config.rank_pattern or config.alpha_pattern) and SCALES_COLLECTION not in variables:
+            # A scanned layer body has one module path for every layer, so a per-path scale cannot be read from the
+            # path there: the scales travel as data (a collection the layer stack stacks and scans with the params).
+            variables = {**variables, SCALES_COLLECTION: scale_tree(variables["params"], config)}
+        with nn.intercept_methods(lora_interceptor(config)):
+            return self.module.apply(variables, *args, **kwargs)
 
     def init(self, *args, **kwargs):
         return self.module.init(*args, **kwargs)

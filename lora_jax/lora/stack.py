@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.lora.config import LoraConfig
-from lora_jax.lora.transform import ADAPTER_LEAVES, LORA_A, LORA_B
+from lora_jax.lora.transform import LORA_A, LORA_B, LORA_MAGNITUDE
 from lora_jax.tree import flatten_tree, path_str, unflatten_tree
 
 LORA_SCALE = "lora_scale"
+# BART's Embed modules: an adapter there would be silently ignored by MultiLoraModel, which adapts nn.Dense calls.
+EMBEDDING_MODULES = ("embed_tokens", "shared", "embed_positions")
 BASE = ""  # the name of slot 0 when it holds the base model (and of empty slots)
 
 
@@ -62,7 +64,11 @@ class StackInfo:
 def _adapter_modules(name: str, adapter: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{module path: (A (in, r), B (r, out))} of one adapter tree; other leaves are refused."""
     flat = flatten_tree(adapter)
-    other = sorted(path_str(p) for p in flat if p[-1] not in ADAPTER_LEAVES)
+    other = sorted(path_str(p) for p in flat if p[-1] not in (LORA_A, LORA_B))
+    if any(p[-1] == LORA_MAGNITUDE for p in flat):
+        raise ValueError(f"adapter {name!r} is a DoRA adapter (lora_magnitude leaves): a stack serves plain low-rank "
+                         "branches only, and serving it without its magnitudes would compute something else; merge it "
+                         "into its own base (merge_lora) instead")
     if other:
         raise ValueError(
             f"adapter {name!r} holds leaves other than lora_a/lora_b ({other[:3]}, modules_to_save): a stack serves "
@@ -70,6 +76,10 @@ def _adapter_modules(name: str, adapter: Mapping) -> dict[str, tuple[np.ndarray,
         )
     out = {}
     for path in [p for p in flat if p[-1] == LORA_A]:
+        if path[-2] in EMBEDDING_MODULES:
+            raise ValueError(f"adapter {name!r} adapts the embedding {path_str(path[:-1])}: a stack serves adapters on "
+                             "Dense layers only (MultiLoraModel adds no branch to an embedding lookup); merge that "
+                             "adapter into its own base instead")
         a, b = np.asarray(flat[path]), np.asarray(flat.get(path[:-1] + (LORA_B,)))
         if b.ndim != 2 or a.ndim != 2 or a.shape[1] != b.shape[0]:
             raise ValueError(f"adapter {name!r}: {path_str(path[:-1])} has lora_a {a.shape}, lora_b {np.shape(b)}; "

@@ -33,6 +33,13 @@ def check_attention(name: str | None) -> str | None:
     return name
 
 
+def check_attention_backend(name: str | None, key: str = "attention") -> None:
+    """ValueError naming `key` when `name` is "cudnn" and no GPU is attached (jax's cuDNN attention is GPU-only)."""
+    if name == "cudnn" and not any(d.platform == "gpu" for d in jax.devices()):
+        raise ValueError(f"{key}='cudnn' needs an NVIDIA GPU, and this machine's jax backend is "
+                         f"{jax.default_backend()}: set {key}=null (jax chooses) or 'explicit'")
+
+
 def padding_bias(mask: Array, dtype=jnp.float32) -> Array:
     """(B, Tk) 1/0 mask -> (B, 1, 1, Tk) additive attention bias."""
     return jnp.where(mask[:, None, None, :] > 0, 0.0, _NEG_INF).astype(dtype)

@@ -22,6 +22,10 @@ from lora_jax.tree import Path, flatten_tree, path_str, unflatten_tree
 QUANTIZERS = {"int8": quantize_int8, "nf4": quantize_nf4}
 QuantizedKernel = Int8Kernel | NF4Kernel | Int8Embedding
 TOKEN_EMBEDDINGS = ("shared", "embed_tokens")  # modules whose `embedding` is a token table (a tied head's kernel)
+# The untied output head stays in its float dtype, as transformers' bitsandbytes integration keeps `lm_head` (QLoRA
+# quantises the transformer's layers, not the head whose logits every token's loss reads; our `lm_head` is a plain
+# nn.Dense).
+NEVER_QUANTIZED: tuple[Path, ...] = (("lm_head",),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +46,10 @@ class QuantSpec:
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def applies_to(self, path: Path, shape: tuple[int, ...]) -> bool:
-        """True for a 2-D `kernel` leaf (or, with `embeddings`, a token table) whose module is not excluded."""
-        if len(shape) != 2 or not (path[-1] == "kernel" or self.is_token_embedding(path)):
+        """True for a 2-D `kernel` leaf (or, with `embeddings`, a token table) whose module is not excluded (nor the
+        output head, see NEVER_QUANTIZED)."""
+        if (len(shape) != 2 or not (path[-1] == "kernel" or self.is_token_embedding(path))
+                or path[:-1] in NEVER_QUANTIZED):
             return False
         module = path_str(path[:-1])
         return not any(re.fullmatch(rf"(?:.*/)?(?:{p})", module) for p in self.exclude)

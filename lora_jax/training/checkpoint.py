@@ -33,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lora_jax.sharding import distributed
+from lora_jax.training.orbax_reads import quiet_failed_reads
 from lora_jax.tree import tree_bytes
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,8 @@ class TrainCheckpointer:
             lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state,
         )
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        with quiet_failed_reads(os.path.join(self.directory, str(step))):
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
     def restore_latest(self, abstract_state: Any, accept: Callable[[int, dict], bool] | None = None

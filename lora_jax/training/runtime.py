@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import tempfile
+import warnings
 
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "lora_jax", "jax_cache")
@@ -53,16 +55,33 @@ def release_host_memory() -> bool:
     return True
 
 
+def _unwritable(path: str) -> str | None:
+    """Why files cannot be written in directory `path` (created if missing), or None; tries a real write, since
+    permission bits say nothing on a read-only mount or for root."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def enable_compilation_cache(cache_dir: str | None = DEFAULT_COMPILATION_CACHE) -> str | None:
     """Turns on JAX's persistent compilation cache in `cache_dir` (`~` expanded, created if missing), storing every
     compiled program whatever its compile time or size. None leaves the cache off. Call before the first
-    compilation that should be cached. Returns the directory used, or None."""
+    compilation that should be cached. Returns the directory used, or None. The cache is optional: a directory
+    that cannot be created or written warns and leaves it off."""
     if cache_dir is None:
         return None
     import jax
 
     path = os.path.abspath(os.path.expanduser(cache_dir))
-    os.makedirs(path, exist_ok=True)
+    if (problem := _unwritable(path)) is not None:
+        warnings.warn(f"train.compile_cache_dir {path} cannot be written ({problem}); running without the persistent "
+                      "compilation cache (every program compiles afresh). Set train.compile_cache_dir to a writable "
+                      "directory, or null", stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

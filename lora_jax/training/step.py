@@ -193,7 +193,10 @@ def train_update(
     grads, loss_sum, tokens = accumulate_gradients(model, state.trainable, state.frozen, batch, rng,
                                                    label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps)
     denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    # Every gradient keeps its leaf's dtype: a float32 factor would promote a bfloat16 leaf's gradient (a
+    # modules_to_save leaf of a bfloat16 base), and the optimizer state it feeds would change dtype after the first
+    # step, compiling the step a second time.
+    grads = jax.tree_util.tree_map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
     loss = loss_sum / denom
     # A non-finite loss or norm poisons the whole gradient, so a non-finite guard around `tx`
@@ -202,7 +205,7 @@ def train_update(
     grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.nan), grads)
     if max_grad_norm is not None:
         factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
-        grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
+        grads = jax.tree_util.tree_map(lambda g: (g * factor).astype(g.dtype), grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}

@@ -13,6 +13,7 @@ has failed, exactly those two kinds of report are dropped; the failure itself re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -54,15 +55,23 @@ def _install() -> None:
         logging.getLogger("asyncio").addFilter(_state["log_filter"])
 
 
-def restore(path: str, target: Any) -> Any:
-    """`ocp.StandardCheckpointer().restore(path, target)`; on failure the exception is raised and the late reports of
-    the reads it abandoned are not printed. `path` must be absolute (Orbax requires it)."""
+@contextlib.contextmanager
+def quiet_failed_reads(path: str):
+    """Runs an Orbax restore of the checkpoint at `path`: a failure raises as usual, and the late reports of the reads
+    it abandoned are not printed (see the module docstring)."""
     _install()
     _state["restoring"] += 1
     try:
-        return ocp.StandardCheckpointer().restore(path, target)
+        yield
     except Exception:
         _state["failed_paths"].add(path)
         raise
     finally:
         _state["restoring"] -= 1
+
+
+def restore(path: str, target: Any) -> Any:
+    """`ocp.StandardCheckpointer().restore(path, target)`; on failure the exception is raised and the late reports of
+    the reads it abandoned are not printed. `path` must be absolute (Orbax requires it)."""
+    with quiet_failed_reads(path):
+        return ocp.StandardCheckpointer().restore(path, target)
