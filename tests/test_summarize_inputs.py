@@ -66,3 +66,38 @@ def test_output_directory_is_created_or_refused_up_front(tmp_path, capsys, monke
     monkeypatch.setattr(summarize, "_build_server", lambda *a: pytest.fail("generation work before the check"))
     assert summarize.main(FAST + ["--input", rows, "--output", str(blocker / "out.jsonl")]) == 2
     assert f"--output {blocker / 'out.jsonl'}: cannot create its directory" in capsys.readouterr().err
+
+
+def _base_with_settings(tmp_path, **settings):
+    """A copy of the fixture checkpoint whose generation_config.json holds `settings` on top of its own."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    gen = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**gen, **settings}))
+    return str(base)
+
+
+def test_a_base_that_returns_several_sequences_gives_a_list_per_row(tmp_path, capsys):
+    base = _base_with_settings(tmp_path, num_beams=3, num_return_sequences=3, max_new_tokens=4)
+    rows = _rows(tmp_path, [{"text": "Return the number of items."}, {"text": "Open a file."}])
+    several, one = tmp_path / "several.jsonl", tmp_path / "one.jsonl"
+    assert summarize.main(["--base", base, "--no-progress", "--input", rows, "--output", str(several)]) == 0
+    assert summarize.main(["--base", base, "--no-progress", "--input", rows, "--output", str(one),
+                           "--num-return-sequences", "1"]) == 0, capsys.readouterr().err
+    got, best = _out(several), _out(one)
+    assert [len(r["summary"]) for r in got] == [3, 3]
+    assert [r["summary"][0] for r in got] == [r["summary"] for r in best]  # the n best beams, best first
+
+
+def test_a_sampling_base_draws_from_the_seed(tmp_path, capsys):
+    base = _base_with_settings(tmp_path, do_sample=True, top_k=20, max_new_tokens=6)
+    rows = _rows(tmp_path, [{"text": "Return the number of items."}, {"text": "Open a file."}])
+    outs = []
+    for seed in ("3", "3"):
+        out = tmp_path / f"out{len(outs)}.jsonl"
+        assert summarize.main(["--base", base, "--no-progress", "--input", rows, "--output", str(out),
+                               "--seed", seed]) == 0, capsys.readouterr().err
+        outs.append([r["summary"] for r in _out(out)])
+    assert outs[0] == outs[1] and all(isinstance(s, str) for s in outs[0])

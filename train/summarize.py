@@ -7,7 +7,8 @@
 Input rows are JSON objects {"text": ..., "adapter": NAME} (a row without "adapter", or with null, uses the base);
 from stdin (no --input, or --input -) a line that is not a JSON object is taken as the text itself. Output rows are
 the input rows plus "summary", in input order. Generation settings default to the base checkpoint's (its
-generation_config.json, else the generation keys of its config.json).
+generation_config.json, else the generation keys of its config.json); when they ask for num_return_sequences > 1,
+"summary" is a list of that many strings (best beam first), and sampling (do_sample) draws from --seed.
 lora_jax adapter directories and PEFT ones (adapter_config.json) are both accepted.
 """
 
@@ -42,8 +43,9 @@ def _parse_args(argv):
                     help="inputs are truncated to this many tokens (default and most: the model's max_position_embeddings)")
     ap.add_argument("--method", default="gather", choices=["gather", "grouped"], help="per-example adapter matmul")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--seed", type=int, default=0, help="PRNG seed when the settings sample (do_sample)")
     for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--length-penalty", float),
-                       ("--no-repeat-ngram-size", int), ("--min-length", int)):
+                       ("--no-repeat-ngram-size", int), ("--min-length", int), ("--num-return-sequences", int)):
         ap.add_argument(flag, type=kind, help="overrides the base's generation_config.json")
     return ap.parse_args(argv)
 
@@ -143,22 +145,29 @@ def _say_skipped_and_truncated(texts, lengths, limit: int) -> None:
 
 
 def summarize_rows(server, tokenizer, rows, args, progress=None) -> tuple[list[str], int]:
-    """Summaries of `rows` in input order, and the number of generated tokens. A row whose text is empty (or only
-    whitespace) gets "" without generating; texts are truncated to args.max_source_length tokens."""
+    """Summaries of `rows` in input order (a list of num_return_sequences strings per row when the settings ask
+    for more than one), and the number of generated tokens. A row whose text is empty (or only whitespace) gets ""
+    (or []) without generating; texts are truncated to args.max_source_length tokens."""
+    import jax
+
     texts = [row[args.text_column] for row in rows]
     full = tokenizer(texts)["input_ids"]
     _say_skipped_and_truncated(texts, [len(t) for t in full], args.max_source_length)
     token_ids = [t[: args.max_source_length - 1] + t[-1:] if len(t) > args.max_source_length else t for t in full]
-    summaries, generated = [""] * len(rows), 0
+    n = server.config.num_return_sequences  # outputs per row: rows i*n .. i*n+n-1 of each generate call
+    summaries, generated = [""] * len(rows) if n == 1 else [[] for _ in rows], 0
     todo = [i for i, text in enumerate(texts) if text.strip()]
-    for batch in plan_batches([len(token_ids[i]) for i in todo], args.batch_size):
+    for k, batch in enumerate(plan_batches([len(token_ids[i]) for i in todo], args.batch_size)):
         batch = [todo[i] for i in batch]
         ids, mask = encode_batch(token_ids, batch, args.batch_size, args.max_source_length, tokenizer.pad_token_id)
         names = [rows[r].get(args.adapter_column) for r in batch] + [None] * (args.batch_size - len(batch))
-        out = server.generate(ids, mask, names)[: len(batch)]
+        # sampling: one key per batch, folded from --seed, so a re-run gives the same summaries
+        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), k) if server.config.do_sample else None
+        out = server.generate(ids, mask, names, prng_key=key)[: len(batch) * n]
         generated += int(np.sum(out[:, 1:] != server.config.pad_token_id))
-        for r, text in zip(batch, tokenizer.batch_decode(out, skip_special_tokens=True)):
-            summaries[r] = text.strip()
+        decoded = [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        for i, r in enumerate(batch):
+            summaries[r] = decoded[i] if n == 1 else decoded[i * n:(i + 1) * n]
         if progress is not None:
             progress.update(len(batch))
     return summaries, generated
@@ -170,8 +179,8 @@ def _build_server(args, specs):
 
     model, base = lora_jax.load_pretrained(args.base)
     loaded = {name: load_any_adapter(directory, base, args.base) for name, directory in specs.items()}
-    overrides = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty",
-                                                "no_repeat_ngram_size", "min_length") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size",
+                                                "min_length", "num_return_sequences") if getattr(args, k) is not None}
     # generation settings: the base checkpoint's (load_pretrained keeps them with the model), flags on top
     server = AdapterServer(model, base, adapters={n: a for n, (a, _) in loaded.items()},
                            configs={n: c for n, (_, c) in loaded.items()}, slots=max(len(loaded), 1),
