@@ -14,7 +14,9 @@ import sys
 from typing import Sequence
 
 from lora_jax.data import eval_batches
-from lora_jax.generation import GenerationConfig, generate
+from lora_jax.generation import GenerationConfig, generate, generate_padded
+from lora_jax.generation.api import trim
+from lora_jax.sharding import distributed
 from train.build import build
 from train.config import ConfigError, load_config
 from train.rouge import rouge
@@ -34,13 +36,25 @@ def eval_loss(eval_step, params, dataset, cfg, pad_id: int, start_id: int, put_b
     return loss_sum / max(tokens, 1.0)
 
 
-def summarize(model, params, tokenizer, dataset, cfg, gen: GenerationConfig, pad_id: int, start_id: int):
-    """-> (predictions, references, sources) for up to eval.max_examples rows, with lora_jax's beam search."""
+def _generate(model, params, batch, gen: GenerationConfig, put_batch=None):
+    """Ids (B, L) on the host. With put_batch, the batch is split over the mesh (each process generating for its own
+    rows) and the ids are gathered from every process."""
+    if put_batch is None:
+        return generate(model, params, batch["input_ids"], batch["attention_mask"], generation_config=gen)
+    inputs = put_batch({k: batch[k] for k in ("input_ids", "attention_mask")})
+    ids = generate_padded(model, params, inputs["input_ids"], inputs["attention_mask"], generation_config=gen)
+    return trim(distributed.to_host(ids), gen)
+
+
+def summarize(model, params, tokenizer, dataset, cfg, gen: GenerationConfig, pad_id: int, start_id: int,
+              put_batch=None):
+    """-> (predictions, references, sources) for up to eval.max_examples rows, with lora_jax's beam search.
+    put_batch: as for `eval_loss` (the rows of each batch shared out over the mesh and the processes)."""
     preds, refs = [], []
     for batch, references in eval_batches(dataset, cfg.train.eval_batch_size, cfg.data.max_source_length,
                                           cfg.data.max_target_length, pad_id=pad_id, decoder_start_id=start_id,
                                           max_examples=cfg.eval.max_examples):
-        ids = generate(model, params, batch["input_ids"], batch["attention_mask"], generation_config=gen)
+        ids = _generate(model, params, batch, gen, put_batch)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         keep = batch["example_mask"].astype(bool)
         preds += [t.strip() for t, k in zip(texts, keep) if k]
@@ -50,9 +64,9 @@ def summarize(model, params, tokenizer, dataset, cfg, gen: GenerationConfig, pad
     return preds, refs, sources
 
 
-def score(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id) -> tuple[dict, list, list, list]:
+def score(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id, put_batch=None) -> tuple[dict, list, list, list]:
     """-> (ROUGE scores, predictions, references, sources) of `summarize`."""
-    preds, refs, sources = summarize(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id)
+    preds, refs, sources = summarize(model, params, tokenizer, dataset, cfg, gen, pad_id, start_id, put_batch)
     return rouge(preds, refs), preds, refs, sources
 
 

@@ -83,15 +83,19 @@ class LoopState:
                 "resume_changes": list(self.resume_changes)}
 
 
-def _eval_loss(run: Run, m: Machinery, params) -> float:
-    """The eval loss, each batch split over the mesh like a train batch (each process passing its own rows) when
-    train.eval_batch_size divides evenly over the devices; otherwise every device runs the whole batch."""
+def _eval_put_batch(run: Run):
+    """How evaluation places a batch: split over the mesh like a train batch (each process passing its own rows) when
+    train.eval_batch_size divides evenly over the devices; otherwise (None) every device runs the whole batch."""
     size = run.cfg.train.eval_batch_size
-    put = None
     if run.mesh.size > 1 and size % run.mesh.size == 0:
         rows = sharding.host_slice(size)
-        put = lambda batch: sharding.shard_batch({k: v[rows] for k, v in batch.items()}, run.mesh)  # noqa: E731
-    return evaluate.eval_loss(m.eval_step, params, run.splits["eval"], run.cfg, run.pad_id, run.start_id, put)
+        return lambda batch: sharding.shard_batch({k: v[rows] for k, v in batch.items()}, run.mesh)
+    return None
+
+
+def _eval_loss(run: Run, m: Machinery, params) -> float:
+    return evaluate.eval_loss(m.eval_step, params, run.splits["eval"], run.cfg, run.pad_id, run.start_id,
+                              _eval_put_batch(run))
 
 
 def _checkpointable(state: TrainState) -> dict:
@@ -103,7 +107,8 @@ def _fmt(scores: dict) -> str:
 
 
 def _rouge(run: Run, params, split: str) -> tuple[dict, list, list, list]:
-    return evaluate.score(run.apply_model, params, run.tokenizer, run.splits[split], run.cfg, run.gen, run.pad_id, run.start_id)
+    return evaluate.score(run.apply_model, params, run.tokenizer, run.splits[split], run.cfg, run.gen, run.pad_id,
+                          run.start_id, _eval_put_batch(run))
 
 
 def make_machinery(run: Run, state: TrainState, schedule, state_shardings, is_main: bool) -> Machinery:
