@@ -210,7 +210,7 @@ def _repeat_rows(x, n: int):
 
 
 def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None, key=None):
-    """Greedy / sampling (num_beams 1), beam search or beam sampling ->
+    """Greedy / sampling (num_beams 1), beam search, beam sampling or group (diverse) beam search ->
     (ids (B * num_return_sequences, cfg.total_length) int32, the decoded length), un-jitted.
     adapter_ids (B,): each input's adapter slot, for a MultiLoraModel (traced: one program whatever the mix).
     key: a PRNG key, used only when cfg.do_sample."""
@@ -222,6 +222,10 @@ def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adap
     model = with_adapter_ids(model, adapter_ids)
     if cfg.num_beams == 1:
         return _greedy(model, cfg, params, input_ids, attention_mask, key)
+    if cfg.num_beam_groups > 1:
+        from lora_jax.generation.group_search import group_beam_search  # built on this module's helpers
+
+        return group_beam_search(model, cfg, params, input_ids, attention_mask)
     return _beam_search(model, cfg, params, input_ids, attention_mask, key)
 
 
