@@ -57,6 +57,13 @@ def group_cases(common: list[int]) -> list[tuple[str, dict]]:
                                                "num_return_sequences": 3}),
         ("group4x2_penalty1_long", {**g42, "diversity_penalty": 1.0, "max_new_tokens": 30,
                                     "forced_eos_token_id": None, "num_return_sequences": 4}),
+        # outputs that end before max_new_tokens, with early_stopping=False and length penalties above / below 1
+        ("group6x3_penalty0.5_long_length_penalty2_return3", {**g63, "diversity_penalty": 0.5, "max_new_tokens": 30,
+                                                              "forced_eos_token_id": None, "length_penalty": 2.0,
+                                                              "num_return_sequences": 3}),
+        ("group4x2_penalty2_long_length_penalty0.5_return2", {**g42, "diversity_penalty": 2.0, "max_new_tokens": 30,
+                                                              "forced_eos_token_id": None, "length_penalty": 0.5,
+                                                              "num_return_sequences": 2}),
     ]
 
 
