@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.generation.config import GenerationConfig
+from lora_jax.generation.decoder_steps import (NEG, encode_and_cache, gather, length_penalty_table, reorder_cache,
+                                               step_logits)
 from lora_jax.generation.processors import PROMPT_LEN, process_scores
-from lora_jax.generation.search import (NEG, _encode_and_cache, _gather, _length_penalty_table, _reorder_cache,
-                                        _step_logits)
 
 
 def _best(valid: jax.Array, scores: jax.Array, k: int) -> jax.Array:
@@ -35,8 +35,8 @@ def _keep_best(hyps: dict, g: int, add: jax.Array, seqs: jax.Array, scores: jax.
     valid = jnp.concatenate([hyps["valid"][:, g], add], axis=1)
     all_scores = jnp.concatenate([hyps["scores"][:, g], jnp.where(add, scores, -jnp.inf)], axis=1)
     best = _best(valid, all_scores, size)
-    merged = dict(valid=_gather(valid, best), scores=_gather(all_scores, best),
-                  seqs=_gather(jnp.concatenate([hyps["seqs"][:, g], seqs], axis=1), best))
+    merged = dict(valid=gather(valid, best), scores=gather(all_scores, best),
+                  seqs=gather(jnp.concatenate([hyps["seqs"][:, g], seqs], axis=1), best))
     return {k: hyps[k].at[:, g].set(merged[k]) for k in hyps}
 
 
@@ -77,16 +77,16 @@ def _group_step(cfg: GenerationConfig, s: dict, log_probs, g: int, chosen, input
     # An eos candidate among the first `size` becomes a hypothesis (ending in eos_token_id[0], as transformers
     # writes it), the first `size` others run on.
     add = is_eos[:, :size] & ~done
-    finished = _gather(seqs, source[:, :size]).at[:, :, cur_len].set(cfg.eos_ids[0])
+    finished = gather(seqs, source[:, :size]).at[:, :, cur_len].set(cfg.eos_ids[0])
     hyps = _keep_best(s["hyps"], g, add, finished, top_scores[:, :size] / penalty[cur_len + 1 - PROMPT_LEN])
     group_done = done[:, 0] | _is_done(cfg, hyps, g, top_scores[:, 0], penalty[cur_len + 1 - PROMPT_LEN],
                                        penalty[length - PROMPT_LEN])
     rank = jnp.arange(keep, dtype=jnp.float32)
     next_index = jax.lax.top_k(jnp.where(is_eos, -2.0 * keep, -rank), size)[1]
     # a done group runs on pad tokens with score 0 (transformers' scorer); its beams no longer matter
-    next_tokens = jnp.where(done, cfg.pad_token_id, _gather(tokens, next_index))
-    next_scores = jnp.where(done, 0.0, _gather(top_scores, next_index))
-    next_source = jnp.where(done, 0, _gather(source, next_index))
+    next_tokens = jnp.where(done, cfg.pad_token_id, gather(tokens, next_index))
+    next_scores = jnp.where(done, 0.0, gather(top_scores, next_index))
+    next_source = jnp.where(done, 0, gather(source, next_index))
     return {**s, "hyps": hyps, "done": s["done"].at[:, g].set(group_done)}, next_tokens, next_scores, next_source
 
 
@@ -102,7 +102,7 @@ def _finalize(cfg: GenerationConfig, s: dict, penalty) -> jax.Array:
         hyps = _keep_best(hyps, g, add, s["running"][:, lo : lo + size], scores)
     flat = {k: v.reshape((batch, groups * size) + v.shape[3:]) for k, v in hyps.items()}
     best = _best(flat["valid"], flat["scores"], cfg.num_return_sequences)
-    return _gather(flat["seqs"], best)
+    return gather(flat["seqs"], best)
 
 
 def _group_start(cfg: GenerationConfig, batch: int, cache) -> dict:
@@ -126,8 +126,8 @@ def group_beam_search(model, cfg: GenerationConfig, params, input_ids, attention
     """-> (ids (B * num_return_sequences, L) int32, the decoded length). input_ids / attention_mask (B, S)."""
     batch, beams, length = input_ids.shape[0], cfg.num_beams, cfg.total_length
     size = beams // cfg.num_beam_groups
-    penalty = _length_penalty_table(length, cfg.length_penalty)
-    state = _group_start(cfg, batch, _encode_and_cache(model, params, input_ids, attention_mask, beams, length))
+    penalty = length_penalty_table(length, cfg.length_penalty)
+    state = _group_start(cfg, batch, encode_and_cache(model, params, input_ids, attention_mask, beams, length))
 
     def cond(s):
         return (s["cur_len"] < length) & ~jnp.all(s["done"])
@@ -135,7 +135,7 @@ def group_beam_search(model, cfg: GenerationConfig, params, input_ids, attention
     def body(s):
         cur_len = s["cur_len"]
         flat_running = s["running"].reshape(batch * beams, length)
-        logits, cache = _step_logits(model, params, flat_running[:, cur_len - 1], attention_mask, s["cache"])
+        logits, cache = step_logits(model, params, flat_running[:, cur_len - 1], attention_mask, s["cache"])
         log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, -1)
         chosen = jnp.zeros((batch, beams), jnp.int32)
         scores = jnp.zeros((batch, beams), jnp.float32)
@@ -145,10 +145,10 @@ def group_beam_search(model, cfg: GenerationConfig, params, input_ids, attention
             chosen = chosen.at[:, g * size : (g + 1) * size].set(tokens)
             scores = scores.at[:, g * size : (g + 1) * size].set(group_scores)
             source = source.at[:, g * size : (g + 1) * size].set(group_source + g * size)
-        running = _gather(s["running"], source).at[:, :, cur_len].set(chosen)
+        running = gather(s["running"], source).at[:, :, cur_len].set(chosen)
         flat_source = (jnp.arange(batch)[:, None] * beams + source).reshape(-1)
         return {**s, "cur_len": cur_len + 1, "running": running, "running_scores": scores,
-                "cache": _reorder_cache(cache, flat_source)}
+                "cache": reorder_cache(cache, flat_source)}
 
     final = jax.lax.while_loop(cond, body, state)
     best = _finalize(cfg, final, penalty)
