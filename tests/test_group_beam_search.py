@@ -35,14 +35,16 @@ def test_group_beam_search_reproduces_transformers(tiny, name):
     np.testing.assert_array_equal(ids, np.asarray(case["ids"]))
 
 
-def test_equal_settings_reuse_the_program(tiny):
+def test_equal_settings_reuse_the_program_and_unjitted_agrees(tiny):
     model, params = tiny
-    settings = BY_NAME["group4x2_penalty0.5_return2"]["settings"]
-    generate(model, params, IDS, MASK, generation_config=settings)
+    case = BY_NAME["group4x2_penalty0.5_return2"]
+    generate(model, params, IDS, MASK, generation_config=case["settings"])
     before = num_compilations()
-    ids = generate(model, params, IDS, MASK, generation_config=dict(settings))
+    ids = generate(model, params, IDS, MASK, generation_config=dict(case["settings"]))
     assert num_compilations() == before
-    np.testing.assert_array_equal(ids, np.asarray(BY_NAME["group4x2_penalty0.5_return2"]["ids"]))
+    np.testing.assert_array_equal(ids, np.asarray(case["ids"]))
+    unjitted = generate(model, params, IDS, MASK, generation_config=case["settings"], jit=False)
+    np.testing.assert_array_equal(unjitted, np.asarray(case["ids"]))
 
 
 @pytest.mark.parametrize("settings, message", [
