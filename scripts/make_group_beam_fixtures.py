@@ -37,7 +37,7 @@ OFF = 1e-9  # a diversity penalty too small to change any float32 score: the gro
 
 
 def group_cases(common: list[int]) -> list[tuple[str, dict]]:
-    """(name, settings): 4 beams in 2 groups, 6 in 3, 4 in 4; penalties 0.5 / 1.0 / 2.0; with no-repeat n-grams,
+    """(name, settings): 4 beams in 2 groups, 6 in 3, 6 in 2, 4 in 4; penalties 0.5 / 1.0 / 2.0; with no-repeat n-grams,
     num_return_sequences, length penalty and early stopping variants, and two eos tokens."""
     g42, g63, g44 = ({"num_beams": b, "num_beam_groups": g} for b, g in ((4, 2), (6, 3), (4, 4)))
     return [
@@ -57,13 +57,14 @@ def group_cases(common: list[int]) -> list[tuple[str, dict]]:
                                                "num_return_sequences": 3}),
         ("group4x2_penalty1_long", {**g42, "diversity_penalty": 1.0, "max_new_tokens": 30,
                                     "forced_eos_token_id": None, "num_return_sequences": 4}),
-        # outputs that end before max_new_tokens, with early_stopping=False and length penalties above / below 1
-        ("group6x3_penalty0.5_long_length_penalty2_return3", {**g63, "diversity_penalty": 0.5, "max_new_tokens": 30,
+        # outputs that end before max_new_tokens, all beams returned: early_stopping=False stops a group once its
+        # best candidate (an eos one included), length-normalised, cannot beat its worst hypothesis
+        ("group6x2_penalty2_long_return6", {"num_beams": 6, "num_beam_groups": 2, "diversity_penalty": 2.0,
+                                            "max_new_tokens": 24, "forced_eos_token_id": None,
+                                            "num_return_sequences": 6}),
+        ("group4x2_penalty0.5_long_length_penalty2_return4", {**g42, "diversity_penalty": 0.5, "max_new_tokens": 24,
                                                               "forced_eos_token_id": None, "length_penalty": 2.0,
-                                                              "num_return_sequences": 3}),
-        ("group4x2_penalty2_long_length_penalty0.5_return2", {**g42, "diversity_penalty": 2.0, "max_new_tokens": 30,
-                                                              "forced_eos_token_id": None, "length_penalty": 0.5,
-                                                              "num_return_sequences": 2}),
+                                                              "num_return_sequences": 4}),
     ]
 
 
