@@ -52,6 +52,9 @@ def group_cases(common: list[int]) -> list[tuple[str, dict]]:
                                                     "length_penalty": 2.0, "num_return_sequences": 2}),
         ("group4x2_penalty0.5_never_short", {**g42, "diversity_penalty": 0.5, "early_stopping": "never",
                                              "length_penalty": -0.5, "num_return_sequences": 3}),
+        # the penalty acts before the repetition penalty (whose rule depends on the sign of the score)
+        ("group6x3_penalty1_repetition_return6", {**g63, "diversity_penalty": 1.0, "repetition_penalty": 0.5,
+                                                  "num_return_sequences": 6}),
         ("group4x4_penalty2_return4", {**g44, "diversity_penalty": 2.0, "num_return_sequences": 4}),
         ("group4x2_penalty1_two_eos_return3", {**g42, "diversity_penalty": 1.0, "eos_token_id": [2, common[0]],
                                                "num_return_sequences": 3}),

@@ -23,7 +23,7 @@ def test_fixture_is_from_transformers_with_group_beam_search():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_group_beam_search_reproduces_transformers(tiny, name):
-    """4 beams in 2 groups, 6 in 3, 6 in 2, 4 in 4; penalties 0.5-2; with no-repeat n-grams, num_return_sequences (rows
+    """4 beams in 2 groups, 6 in 3, 6 in 2, 4 in 4; penalties 0.5-2; with no-repeat n-grams, a repetition penalty (the diversity penalty comes first), num_return_sequences (rows
     i*n .. i*n+n-1, best first across groups), early stopping True / "never", length penalties, two eos tokens and
     outputs that end before max_new_tokens."""
     case = BY_NAME[name]
