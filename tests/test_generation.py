@@ -179,7 +179,9 @@ def test_lora_model_generates_like_its_merged_weights(tiny, ref):
         (dict(generation_config={"do_sample": True}), ValueError, "prng_key"),
         (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
         (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
-        (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5), ValueError, "num_beam_groups"),
+        # group beam search: what transformers refuses too
+        (dict(num_beams=4, num_beam_groups=3, diversity_penalty=0.5), ValueError, "divisible by num_beam_groups"),
+        (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, do_sample=True), ValueError, "do_sample=False"),
         # a setting that would change the ids and is not implemented, however it arrives
         (dict(epsilon_cutoff=3e-4), ValueError, "epsilon_cutoff"),
         (dict(generation_config={"force_words_ids": [[5]]}), ValueError, "force_words_ids"),

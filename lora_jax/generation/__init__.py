@@ -1,7 +1,10 @@
-"""Greedy search, sampling, beam search and beam sampling for encoder-decoder models, jitted, with a key/value cache.
+"""Greedy search, sampling, beam search, beam sampling and group (diverse) beam search for encoder-decoder models,
+jitted, with a key/value cache.
 
 api.py         generate, generate_padded, resolve_config (the public functions)
 search.py      the decoding loops (greedy / sampling, beam search) and their jitted form
+group_search.py  group (diverse) beam search: num_beam_groups, diversity_penalty (transformers 4.55's)
+decoder_steps.py the steps the loops share: encode once, one cached decoder step, beam gathers, length penalties
 processors.py  transformers' logits processors, in its order
 warpers.py     transformers' sampling warpers (temperature, top-k, top-p, min-p, typical-p)
 config.py      GenerationConfig, read from a checkpoint (as transformers reads it) or a model config

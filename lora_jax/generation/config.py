@@ -122,11 +122,26 @@ class GenerationConfig:
         if beams > 1 and n > beams:
             raise ValueError(f"num_return_sequences={n} must be <= num_beams={beams} (the n best beams are returned)")
         if groups > 1 or self.diversity_penalty != 0.0:
-            # transformers 5 moved diverse beam search out of its core (to a hub `custom_generate` repo)
-            raise ValueError(f"num_beam_groups={groups} / diversity_penalty={self.diversity_penalty}: diverse (group) "
-                             "beam search is not implemented by lora_jax; use num_beam_groups=1, diversity_penalty=0")
+            self._validate_groups()
         if self.exponential_decay_length_penalty is not None and self.exponential_decay_length_penalty[0] < 0:
             raise ValueError("exponential_decay_length_penalty start index must be >= 0")
+
+    def _validate_groups(self) -> None:
+        """Group (diverse) beam search: the combinations transformers (4.55, the last release with it in core)
+        accepts; the others raise there too."""
+        beams, groups, penalty = self.num_beams, self.num_beam_groups, self.diversity_penalty
+        where = f"num_beam_groups={groups}, diversity_penalty={penalty}: group (diverse) beam search"
+        if beams == 1 or groups > beams:
+            raise ValueError(f"{where} needs num_beams > 1 and num_beam_groups <= num_beams, got num_beams={beams}")
+        if groups == 1:
+            raise ValueError(f"{where} needs num_beam_groups > 1 (diversity_penalty only acts between groups); "
+                             "set num_beam_groups or diversity_penalty=0")
+        if beams % groups:
+            raise ValueError(f"{where}: num_beams={beams} must be divisible by num_beam_groups={groups}")
+        if penalty <= 0.0:
+            raise ValueError(f"{where} needs diversity_penalty > 0 (0 makes every group the same search)")
+        if self.do_sample:
+            raise ValueError(f"{where} cannot sample: set do_sample=False")
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))

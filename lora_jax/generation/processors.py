@@ -135,13 +135,18 @@ def min_length(cfg: GenerationConfig) -> int:
 
 
 def process_scores(scores: jax.Array, sequences: jax.Array, cur_len: jax.Array, cfg: GenerationConfig,
-                   encoder_ids: jax.Array | None = None, num_beams: int = 1) -> jax.Array:
+                   encoder_ids: jax.Array | None = None, num_beams: int = 1,
+                   diversity: jax.Array | None = None) -> jax.Array:
     """Applies transformers' processors (and, when sampling, its warpers) for these settings, in transformers'
     order. scores (N, V); sequences (N, L); encoder_ids (B, S), needed by the encoder-side processors.
-    num_beams: beams per input (the warpers keep len(eos) + 1 tokens in beam sampling)."""
+    num_beams: beams per input (the warpers keep len(eos) + 1 tokens in beam sampling).
+    diversity (N, V): group beam search's Hamming penalty (diversity_penalty * how often earlier groups chose each
+    token at this step), subtracted where transformers' HammingDiversityLogitsProcessor sits: after sequence_bias."""
     vocab = scores.shape[-1]
     if cfg.sequence_bias is not None:
         scores = _sequence_bias(scores, sequences, cur_len, cfg.sequence_bias)
+    if diversity is not None:
+        scores = scores - diversity
     if cfg.encoder_repetition_penalty != 1.0 and encoder_ids is not None:
         rows = jnp.repeat(encoder_ids, scores.shape[0] // encoder_ids.shape[0], axis=0)
         scores = _penalise(scores, _token_mask(rows, jnp.array(True), vocab), 1 / cfg.encoder_repetition_penalty)

@@ -3,7 +3,7 @@
 The encoder runs once and `init_cache` computes the cross-attention keys/values once; every loop iteration decodes
 one token per hypothesis and the loop stops as soon as every sequence is finished. Beam bookkeeping follows
 transformers' (4.57) vectorised `_beam_search`: 2K candidates per input, running vs finished beams, length
-penalty, early-stopping heuristic.
+penalty, early-stopping heuristic. Group (diverse) beam search is in `group_search.py`.
 """
 
 from __future__ import annotations
@@ -14,22 +14,10 @@ import numpy as np
 
 from lora_jax.training import compile_events
 from lora_jax.generation.config import GenerationConfig
+from lora_jax.generation.decoder_steps import (NEG, encode_and_cache, gather, length_penalty_table, reorder_cache,
+                                               step_logits)
+from lora_jax.generation.group_search import group_beam_search
 from lora_jax.generation.processors import process_scores
-
-NEG = -1.0e9  # transformers' "very negative" score for impossible beams
-
-
-def _encode_and_cache(model, params, input_ids, attention_mask, beams: int, length: int):
-    """Encodes once; the cross-attention keys/values stay one row per input, shared by its `beams` hypotheses
-    (the decoder folds the beams into the query axis), so they are neither copied nor re-read per beam."""
-    variables = {"params": params}
-    encoded = model.apply(variables, input_ids, attention_mask, method="encode")
-    return model.apply(variables, encoded, length, beams, method="init_cache")
-
-
-def _step_logits(model, params, tokens, attention_mask, cache):
-    logits, cache = model.apply({"params": params}, tokens[:, None], None, attention_mask, cache=cache, method="decode")
-    return logits[:, -1, :].astype(jnp.float32), cache
 
 
 def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask, key):
@@ -38,7 +26,7 @@ def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask, key
     batch = input_ids.shape[0]
     length = cfg.total_length
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
-    cache = _encode_and_cache(model, params, input_ids, attention_mask, 1, length)
+    cache = encode_and_cache(model, params, input_ids, attention_mask, 1, length)
     sequences = jnp.full((batch, length), cfg.pad_token_id, jnp.int32).at[:, 0].set(cfg.decoder_start_token_id)
 
     def cond(state):
@@ -47,7 +35,7 @@ def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask, key
 
     def body(state):
         cur_len, sequences, cache, finished = state
-        logits, cache = _step_logits(model, params, sequences[:, cur_len - 1], attention_mask, cache)
+        logits, cache = step_logits(model, params, sequences[:, cur_len - 1], attention_mask, cache)
         scores = process_scores(logits, sequences, cur_len, cfg, input_ids)
         if cfg.do_sample:
             chosen = jax.random.categorical(jax.random.fold_in(key, cur_len), scores, axis=-1)
@@ -62,29 +50,6 @@ def _greedy(model, cfg: GenerationConfig, params, input_ids, attention_mask, key
     return sequences, cur_len
 
 
-def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x (B, K, ...) gathered along axis 1 with index (B, K')."""
-    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def _reorder_cache(cache, flat_index: jax.Array):
-    """Gathers every batched leaf of each layer's self-attention cache by hypothesis (flat_index (B*K,)).
-
-    Cross-attention K/V are left alone: they hold one row per input, shared by all of its beams, and beams never
-    move between inputs."""
-    gather = lambda x: x[flat_index] if x.ndim else x
-    return [{**layer, "self": jax.tree_util.tree_map(gather, layer["self"])} for layer in cache]
-
-
-def _length_penalty_table(length: int, length_penalty: float) -> jax.Array:
-    """(length + 1,) float32 with entry n = n ** length_penalty.
-
-    transformers divides float32 scores by the Python float `n ** length_penalty`, which torch rounds to float32;
-    computing the powers in float64 on the host and rounding them reproduces that division bit for bit (a float32
-    power inside the loop can differ in the last bit for non-integer penalties, and flip near-tied beams)."""
-    return jnp.asarray(np.array([float(n) ** length_penalty if n else 1.0 for n in range(length + 1)], np.float32))
-
-
 def _merge_finished(s: dict, topk_seqs, topk_scores, just_finished, denominator, early_stopping) -> tuple:
     """Keeps the best `beams` of the finished hypotheses so far and the candidates that just finished.
 
@@ -96,9 +61,9 @@ def _merge_finished(s: dict, topk_seqs, topk_scores, just_finished, denominator,
     final_scores = final_scores + full * NEG + (~s["improvable"]) * NEG + (~just_finished) * NEG
     merged_scores = jnp.concatenate([s["scores"], final_scores], axis=1)
     best = jax.lax.top_k(merged_scores, beams)[1]
-    sequences = _gather(jnp.concatenate([s["sequences"], topk_seqs], axis=1), best)
-    finished = _gather(jnp.concatenate([s["finished"], just_finished], axis=1), best)
-    return sequences, _gather(merged_scores, best), finished
+    sequences = gather(jnp.concatenate([s["sequences"], topk_seqs], axis=1), best)
+    finished = gather(jnp.concatenate([s["finished"], just_finished], axis=1), best)
+    return sequences, gather(merged_scores, best), finished
 
 
 def _still_improvable(improvable, running_scores, scores, finished, denominator) -> jax.Array:
@@ -147,8 +112,8 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     # enough candidates to keep `beams` running however many of them end in an eos token (transformers' rule)
     keep = max(2, 1 + len(cfg.eos_ids)) * beams
     top_beam_mask = jnp.arange(keep) < beams
-    penalty = _length_penalty_table(length, cfg.length_penalty)
-    state = _beam_start(cfg, batch, _encode_and_cache(model, params, input_ids, attention_mask, beams, length))
+    penalty = length_penalty_table(length, cfg.length_penalty)
+    state = _beam_start(cfg, batch, encode_and_cache(model, params, input_ids, attention_mask, beams, length))
 
     def cond(s):
         open_beam = ~(jnp.all(s["finished"]) & (cfg.early_stopping is True))
@@ -157,21 +122,21 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
     def body(s):
         cur_len = s["cur_len"]
         flat_running = s["running"].reshape(batch * beams, length)
-        logits, cache = _step_logits(model, params, flat_running[:, cur_len - 1], attention_mask, s["cache"])
+        logits, cache = step_logits(model, params, flat_running[:, cur_len - 1], attention_mask, s["cache"])
         log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, cur_len, cfg, input_ids, beams)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, beams, vocab) + s["running_scores"][:, :, None]
         topk_scores, topk_index = _top_continuations(log_probs.reshape(batch, beams * vocab), keep, cfg, key, cur_len)
         source_beam, tokens = topk_index // vocab, (topk_index % vocab).astype(jnp.int32)
-        topk_seqs = _gather(s["running"], source_beam).at[:, :, cur_len].set(tokens)
+        topk_seqs = gather(s["running"], source_beam).at[:, :, cur_len].set(tokens)
         hits_stop = jnp.isin(tokens, eos) | (cur_len + 1 >= length)
 
         # Running beams for the next step: the best `beams` candidates that did not stop; the cache follows them.
         running_candidates = topk_scores + hits_stop * NEG
         next_index = jax.lax.top_k(running_candidates, beams)[1]
-        running_scores = _gather(running_candidates, next_index)
-        flat_source = jnp.arange(batch)[:, None] * beams + _gather(source_beam, next_index)
-        cache = _reorder_cache(cache, flat_source.reshape(-1))
+        running_scores = gather(running_candidates, next_index)
+        flat_source = jnp.arange(batch)[:, None] * beams + gather(source_beam, next_index)
+        cache = reorder_cache(cache, flat_source.reshape(-1))
 
         just_finished = hits_stop & top_beam_mask[None, :]
         sequences, scores, finished = _merge_finished(
@@ -184,7 +149,7 @@ def _beam_search(model, cfg: GenerationConfig, params, input_ids, attention_mask
         best_length = length - prompt_len if never else cur_len - prompt_len
         improvable = _still_improvable(s["improvable"], running_scores, scores, finished, penalty[best_length])
         return dict(
-            cur_len=cur_len, running=_gather(topk_seqs, next_index), running_scores=running_scores,
+            cur_len=cur_len, running=gather(topk_seqs, next_index), running_scores=running_scores,
             sequences=sequences, scores=scores, finished=finished, improvable=improvable,
             all_stopped=jnp.all(hits_stop), cache=cache,
         )
@@ -210,7 +175,7 @@ def _repeat_rows(x, n: int):
 
 
 def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adapter_ids=None, key=None):
-    """Greedy / sampling (num_beams 1), beam search or beam sampling ->
+    """Greedy / sampling (num_beams 1), beam search, beam sampling or group (diverse) beam search ->
     (ids (B * num_return_sequences, cfg.total_length) int32, the decoded length), un-jitted.
     adapter_ids (B,): each input's adapter slot, for a MultiLoraModel (traced: one program whatever the mix).
     key: a PRNG key, used only when cfg.do_sample."""
@@ -222,6 +187,8 @@ def decode(model, cfg: GenerationConfig, params, input_ids, attention_mask, adap
     model = with_adapter_ids(model, adapter_ids)
     if cfg.num_beams == 1:
         return _greedy(model, cfg, params, input_ids, attention_mask, key)
+    if cfg.num_beam_groups > 1:
+        return group_beam_search(model, cfg, params, input_ids, attention_mask)
     return _beam_search(model, cfg, params, input_ids, attention_mask, key)
 
 
