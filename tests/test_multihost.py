@@ -198,6 +198,47 @@ def test_faults_end_cleanly_and_the_rerun_resumes_exactly(work, double):
     assert {s: got[s]["loss"] for s in want} == {s: want[s]["loss"] for s in want}
 
 
+def _children(pid):
+    """The pids of process `pid`'s children (Linux)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _gone(pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_loss_of_the_coordinator_ends_the_others_with_one_line_and_the_rerun_resumes(work):
+    """kill -9 of process 0 (its supervisor: the training child dies with it, as on a lost host) -> JAX aborts process
+    1's training at once; process 1 still exits non-zero within a bound with one line naming process 0 and the last
+    complete checkpoint, and the re-run of both resumes from it."""
+    name, out = "coordinator", work / "coordinator"
+    cmd = _train_cmd(work, name, f"--set=distributed.peer_timeout_s={PEER_TIMEOUT}")
+    procs = launch(cmd, 2, 2)
+    _wait_for_step(out, SAVE_EVERY + 2, procs)
+    [trainer] = _children(procs[0].pid)  # a multi-process job's training runs in a supervised child
+    procs[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    rc, _, err = wait_all(procs[1:], RUN_TIMEOUT)[0]
+    elapsed = time.monotonic() - killed
+    kill_all(procs)
+    assert _gone(trainer), "process 0's training outlived its supervisor (PR_SET_PDEATHSIG)"
+    assert rc == PEER_FAULT_EXIT_CODE, err[-3000:]
+    assert elapsed < PEER_TIMEOUT + 20, elapsed
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    step = last_complete_step(str(out / "checkpoints"))
+    assert step is not None and step % SAVE_EVERY == 0
+    assert "process 0" in lines[0] and f"step {step} in {out / 'checkpoints'}" in lines[0], lines[0]
+
+    results = wait_all(launch(cmd, 2, 2), RUN_TIMEOUT)
+    assert [r[0] for r in results] == [0, 0], results[0][2][-3000:] + results[1][2][-3000:]
+    assert all(f"resumed from step {step}" in r[2] for r in results)
+
+
 def _copy_until(src, dst, step):
     """A copy of run `src` whose checkpoints stop at `step` (as if it had been stopped there)."""
     shutil.copytree(src, dst)

@@ -7,7 +7,8 @@ import os
 import sys
 
 from lora_jax.training.runtime import enable_compilation_cache, use_memory_aware_cpu_scheduler
-from train.config import ConfigError, load_config
+from train.config import ConfigError, load_config, to_launch_settings
+from train.supervise import enter_supervised_child, job_position, run_supervised
 
 STOPPED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume-with-changes", action="store_true",
                     help="resume from the output dir's checkpoint even though the run's configuration, base, data or "
                          "tokenizer changed since it was saved (the changes are recorded in summary.json)")
+    supervised = enter_supervised_child()  # first: the sooner a child dies with its supervisor, the better
     args = ap.parse_args(argv)
     use_memory_aware_cpu_scheduler()  # before the first JAX computation; see lora_jax/training/runtime.py
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # force: importing orbax installs a root handler
@@ -30,6 +32,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    position = None if supervised else job_position(to_launch_settings(cfg))
+    if position is not None:  # one process of a multi-process job: JAX may abort the training (train/supervise.py)
+        return run_supervised(sys.argv[1:] if argv is None else list(argv), position,
+                              os.path.join(cfg.train.output_dir, "checkpoints"))
     from train.guard import TrainingDivergedError
     from train.lock import OutputDirLockedError
     enable_compilation_cache(cfg.train.compile_cache_dir)  # before the first compilation

@@ -29,7 +29,6 @@ from lora_jax.generation.config import model_generation_config
 from lora_jax.lora.residual_init import plain_lora_on_original
 from lora_jax.models.bart import IGNORE
 from lora_jax.training import TrainCheckpointer, TrainState
-from lora_jax.training.checkpoint import last_complete_step
 from lora_jax.training.runtime import release_host_memory
 from lora_jax.training.step import StepFn, default_dropout_rng_impl
 from train import evaluate
@@ -40,6 +39,7 @@ from train.guard import (OUTLIER_PATIENCE, GuardSettings, TrainingDivergedError,
 from train.lock import job_lock, release_own_lock
 from train.metrics_log import MetricsLog, plot_loss_curve
 from train.resume import describe_changes, dropout_layout, fingerprint_changes, mismatch_error, run_fingerprint
+from train.supervise import resume_hint
 
 log = logging.getLogger("train")
 
@@ -170,18 +170,9 @@ def train(cfg: RunConfig, resume_with_changes: bool = False) -> dict:
     is_main = distributed.is_main_process()
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     checkpoints = os.path.join(cfg.train.output_dir, "checkpoints")
-    with distributed.watch_peers(settings, lambda: _resume_hint(checkpoints),
+    with distributed.watch_peers(settings, lambda: resume_hint(checkpoints),
                                  lambda: release_own_lock(cfg.train.output_dir)), job_lock(cfg.train.output_dir):
         return _train_locked(cfg, resume_with_changes, is_main)
-
-
-def _resume_hint(checkpoints: str) -> str:
-    """What a re-run continues from, for the line a process prints when a peer is lost."""
-    step = last_complete_step(checkpoints)
-    if step is None:
-        return "no checkpoint was completed by every process: re-running the same command starts over"
-    return (f"the last checkpoint every process completed is step {step} in {checkpoints}: re-run the same command "
-            "on every process to resume from it")
 
 
 def _train_locked(cfg: RunConfig, resume_with_changes: bool, is_main: bool) -> dict:

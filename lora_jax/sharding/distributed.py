@@ -15,7 +15,9 @@ heartbeats, and a collective with a dead peer fails at once with a gloo error. `
 heartbeat of its own in the coordinator's key-value store; a peer whose heartbeat stalls for `peer_timeout_s`, or a
 coordinator that no longer answers, ends this process with one line naming the lost process(es) and what the caller
 says about the last checkpoint (`os._exit`: a lost peer can never join the exit barrier). JAX's heartbeat timeout is
-set `HEARTBEAT_MARGIN_S` later, so that this line, not JAX's abort, is what a user sees.
+set `HEARTBEAT_MARGIN_S` later, so that this line, not JAX's abort, is what a user sees. When process 0 (the
+coordinator) itself dies, JAX aborts every other process at once, before any line of ours: `python -m train` runs a
+multi-process job's training in a supervised child (train/supervise.py) that prints the line in its place.
 """
 
 from __future__ import annotations
@@ -246,11 +248,15 @@ class PeerWatchdog:
         fallback = self.describe_fallback()
         with contextlib.suppress(Exception):
             self.before_exit()
-        # a progress bar may have left the cursor mid-line: the fault line starts its own
-        print(f"\nerror: {who}; process {self.me} stops{'; ' + fallback if fallback else ''}", file=sys.stderr,
-              flush=True)
+        print(fault_line(f"{who}; process {self.me} stops", fallback), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(PEER_FAULT_EXIT_CODE)
+
+
+def fault_line(what: str, fallback: str = "") -> str:
+    """The one line a process prints when the job lost a process: what was lost, then what a re-run continues from."""
+    # a progress bar may have left the cursor mid-line: the fault line starts its own
+    return f"\nerror: {what}{'; ' + fallback if fallback else ''}"
 
 
 @contextlib.contextmanager
