@@ -58,7 +58,7 @@ SLOW_MODULES = frozenset({
     "test_bench_smoke", "test_checkpoints_merged", "test_compile_cache", "test_multi_adapter_bench", "test_readme",
     "test_sharding", "test_summarize_cli", "test_train_cli", "test_train_cli_errors", "test_train_untied",
     "test_multihost", "test_export_cli_directories", "test_gpu_check", "test_combinations", "test_combinations_cli",
-    "test_cli_rows", "test_quality_report",
+    "test_cli_rows", "test_quality_report", "test_supervise",
 })
 
 
