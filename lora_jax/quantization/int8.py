@@ -17,15 +17,8 @@ import numpy as np
 INT8_MAX = 127
 
 
-@flax.struct.dataclass
-class Int8Kernel:
-    """A kernel (in, out) as int8 `codes` (in, out) and float32 `scale` (out,); `dtype` is the dtype it was stored in
-    before quantisation (what `merge_lora` and `dequantize` give back). Both arrays are pytree leaves, so jit,
-    donation, sharding and checkpointing treat them as data."""
-
-    codes: jax.Array
-    scale: jax.Array
-    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+class _Int8Codes:
+    """What Int8Kernel and Int8Embedding share: int8 `codes` beside float32 `scale`s."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -34,6 +27,17 @@ class Int8Kernel:
     @property
     def nbytes(self) -> int:
         return int(self.codes.nbytes + self.scale.nbytes)
+
+
+@flax.struct.dataclass
+class Int8Kernel(_Int8Codes):
+    """A kernel (in, out) as int8 `codes` (in, out) and float32 `scale` (out,); `dtype` is the dtype it was stored in
+    before quantisation (what `merge_lora` and `dequantize` give back). Both arrays are pytree leaves, so jit,
+    donation, sharding and checkpointing treat them as data."""
+
+    codes: jax.Array
+    scale: jax.Array
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The kernel (in, out) in `dtype`: codes * scale, computed in float32."""
@@ -54,7 +58,7 @@ def quantize_int8(kernel: Any) -> Int8Kernel:
 
 
 @flax.struct.dataclass
-class Int8Embedding:
+class Int8Embedding(_Int8Codes):
     """A token embedding (vocab, features) as int8 `codes` (vocab, features) and one float32 `scale` per row
     (vocab,) = max_j |E[v, j]| / 127. Per row, because a tied LM head uses the table transposed as its kernel
     (features, vocab): the rows are the head's output channels, so this is `Int8Kernel`'s per-output-channel absmax
@@ -63,14 +67,6 @@ class Int8Embedding:
     codes: jax.Array
     scale: jax.Array
     dtype: str = flax.struct.field(pytree_node=False, default="float32")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.scale.nbytes)
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The table (vocab, features) in `dtype`: codes * scale, computed in float32."""
