@@ -22,7 +22,7 @@ from lora_jax.generation.api import check_key, resolve_config, trim
 from lora_jax.generation.search import decode
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.multi import MultiLoraModel, check_ids
-from lora_jax.lora.stack import remove_adapter, replace_adapter, stack_adapters
+from lora_jax.lora.stack import NoFreeSlotError, remove_adapter, replace_adapter, stack_adapters
 from lora_jax.lora.transform import combine, kernel_modules, target_modules
 
 
@@ -66,10 +66,11 @@ class AdapterServer:
 
     def load(self, name: str, adapter: Mapping, config: LoraConfig, slot: int | None = None) -> int:
         """Puts adapter `name` into a slot (its own if loaded, else `slot`, else a free one) and returns the slot."""
-        if slot is None and name not in self.info.names and all(self.info.names[int(self.info.base_slot):]):
+        try:
+            self.stacked, self.info = replace_adapter(self.stacked, self.info, name, adapter, config, slot)
+        except NoFreeSlotError:  # the stack's message names stack functions; say what a server user calls
             raise ValueError(f"no free slot for adapter {name!r} (loaded: {self.adapters}); free one with "
-                             f"server.unload(name), or replace one with server.load({name!r}, ..., slot=k)")
-        self.stacked, self.info = replace_adapter(self.stacked, self.info, name, adapter, config, slot)
+                             f"server.unload(name), or replace one with server.load({name!r}, ..., slot=k)") from None
         return self.info.slot(name)
 
     def unload(self, name: str) -> None:

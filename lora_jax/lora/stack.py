@@ -28,6 +28,10 @@ EMBEDDING_MODULES = ("embed_tokens", "shared", "embed_positions")
 BASE = ""  # the name of slot 0 when it holds the base model (and of empty slots)
 
 
+class NoFreeSlotError(ValueError):
+    """Every adapter slot of a stack is taken (callers that manage slots their own way reword it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StackInfo:
     """What a stacked tree holds. names[k] / configs[k] / modules_of[k]: slot k's adapter name ("" for the base or an
@@ -174,7 +178,7 @@ def replace_adapter(stacked: Mapping, info: StackInfo, name: str, adapter: Mappi
         free = [k for k, c in enumerate(info.configs) if c is None and not (info.base_slot and k == 0)]
         slot = info.names.index(name) if name in info.names else (free[0] if free else None)
     if slot is None:
-        raise ValueError(f"no free slot for adapter {name!r} (slots: {list(info.names)}); evict one with "
+        raise NoFreeSlotError(f"no free slot for adapter {name!r} (slots: {list(info.names)}); evict one with "
                          "replace_adapter(..., slot=k) or stack with more empty_slots")
     if not 0 <= slot < info.num_slots or (info.base_slot and slot == 0):
         first = int(info.base_slot)
