@@ -150,19 +150,48 @@ def child(spec: dict, out: str | None) -> None:
         emit({**record, "peak_rss_bytes": max_rss_bytes()}, out)
 
 
-def _run_child(spec: dict, results: str, torch_python: str | None) -> None:
-    """The system in its own process (PEFT: in the torch interpreter, bench.quality_torch); its records are appended
-    to `results` and echoed on stdout."""
-    before = sum(1 for _ in open(results))
+def _run_child(spec: dict, part: str, torch_python: str | None, reuse: bool = False) -> list[dict]:
+    """The system in its own process (PEFT: in the torch interpreter, bench.quality_torch), writing its records to
+    its own file `part` (so that rows running side by side never share a file); returns them. With `reuse`, a row
+    that finished before with exactly this spec (`part`.done holds it) is read back instead of run again."""
+    marker = part + ".done"
+    if reuse and os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == spec:
+                with open(part) as f:
+                    return [json.loads(line) for line in f]
     if spec["mode"] == "peft":
-        cmd = [torch_python, "-m", "bench.quality_torch", "--spec", json.dumps(spec), "--json-out", results]
+        cmd = [torch_python, "-m", "bench.quality_torch", "--spec", json.dumps(spec), "--json-out", part]
     else:
-        cmd = [sys.executable, "-m", "bench.quality", "--child", json.dumps(spec), "--json-out", results]
+        cmd = [sys.executable, "-m", "bench.quality", "--child", json.dumps(spec), "--json-out", part]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=sys.stderr, env=env)
-    with open(results) as f:
-        for line in list(f)[before:]:
-            print(line.strip(), flush=True)
+    open(part, "w").close()
+    with open(part + ".log", "w") as log:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        with open(part + ".log") as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"{spec['name']} failed (exit {done.returncode}); its log {part}.log ends:\n{tail}")
+    with open(part) as f:
+        records = [json.loads(line) for line in f]
+    with open(marker, "w") as f:
+        json.dump(spec, f)
+    for record in records:
+        print(json.dumps({k: record[k] for k in ("system", "learning_rate", "seed", "validation", "test")
+                          if k in record}), flush=True)
+    return records
+
+
+def _run_rows(specs: list[dict], parts_dir: str, torch_python: str | None, jobs: int,
+              reuse: bool) -> dict[str, list[dict]]:
+    """Runs every spec (each in its own child process), `jobs` at a time; name -> its records."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {s["name"]: pool.submit(_run_child, s, os.path.join(parts_dir, f"{s['name']}.jsonl"), torch_python,
+                               reuse)
+                   for s in specs}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -175,6 +204,12 @@ def _parse(argv) -> argparse.Namespace:
                     help=f"seeds per row (default: {len(SEEDS)} for {', '.join(MAIN_SYSTEMS)}, 1 for the others)")
     ap.add_argument("--torch-python", default=None,
                     help="a Python with torch + peft for the PEFT row (default: this one, if it has both)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="rows trained side by side, each in its own process (the small demo base leaves cores idle: "
+                         "2 on 2 cores nearly halves the wall time; each row's wall time is then measured beside another)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back rows that finished in an earlier run into the same --out-dir with the same spec "
+                         "(their records under quality_runs/) instead of training them again")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: one LoRA row (+ PEFT), one rate, 4 steps on the validation file, 8 eval rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -186,7 +221,7 @@ def _command(args, names: list[str]) -> str:
     parts = ["python -m bench.quality"] + (["--quick"] if args.quick else [])
     parts += [] if args.systems is None else ["--systems", *names]
     parts += [f"--steps {args.steps}"] * bool(args.steps) + [f"--seeds {args.seeds}"] * bool(args.seeds)
-    parts += ["--torch-python PY"] * bool(args.torch_python)
+    parts += ["--torch-python PY"] * bool(args.torch_python) + [f"--jobs {args.jobs}"] * (args.jobs > 1)
     return " ".join(parts)
 
 
@@ -211,20 +246,30 @@ def main(argv=None) -> None:
     steps = args.steps or (QUICK["steps"] if args.quick else load_config(args.config).train.num_steps)
     os.makedirs(args.out_dir, exist_ok=True)
     results = os.path.join(args.out_dir, "quality.jsonl")
-    open(results, "w").close()
+    parts_dir = os.path.join(args.out_dir, "quality_runs")
+    os.makedirs(parts_dir, exist_ok=True)
     started = time.time()
-    # Fixed rows first, so the variants and PEFT can take the best LoRA rank from their records.
-    for name in sorted(names, key=lambda n: table[n]["rank"] is None and n != "full"):
+
+    def spec_of(name: str) -> dict:
         seeds = SEEDS[:args.seeds or 1] if args.seeds or args.quick else SEEDS if name in MAIN_SYSTEMS else SEEDS[:1]
         spec = {**table[name], "name": name, "steps": steps, "seeds": list(seeds), "config": args.config,
                 "sets": QUICK["sets"] if args.quick else FULL_EVAL}
         if args.quick:  # trains on the (small) validation file: nothing to tokenize at scale, nothing measured
             quick_sets = QUICK["sets"] + [f"data.train_files={load_config(args.config).data.eval_files}"]
             spec.update(lrs=QUICK["lrs"], max_extensions=QUICK["max_extensions"], sets=quick_sets)
-        if spec["rank"] is None and name != "full":
-            spec = at_best_rank(spec, [json.loads(line) for line in open(results)])
-        _run_child(spec, results, args.torch_python)
-    records = [json.loads(line) for line in open(results)]
+        return spec
+
+    # Fixed rows first (main rows, with their 3 seeds, start first), so that the variants and PEFT can take the best
+    # LoRA rank from their records.
+    fixed = sorted((n for n in names if table[n]["rank"] is not None or n == "full"),
+                   key=lambda n: (n not in MAIN_SYSTEMS, list(table).index(n)))
+    done = _run_rows([spec_of(n) for n in fixed], parts_dir, args.torch_python, args.jobs, args.reuse)
+    fixed_records = [r for n in fixed for r in done[n]]
+    later = [at_best_rank(spec_of(n), fixed_records) for n in names if n not in fixed]
+    done.update(_run_rows(later, parts_dir, args.torch_python, args.jobs, args.reuse))
+    records = [r for n in sorted(done, key=list(table).index) for r in done[n]]
+    with open(results, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
     write_report(records, args.out_dir, command=_command(args, names), wall_s=time.time() - started,
                  config=args.config, quick=args.quick)
 
