@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -150,10 +151,12 @@ def child(spec: dict, out: str | None) -> None:
         emit({**record, "peak_rss_bytes": max_rss_bytes()}, out)
 
 
-def _run_child(spec: dict, part: str, torch_python: str | None, reuse: bool = False) -> list[dict]:
+def _run_child(spec: dict, part: str, torch_python: str | None, reuse: bool = False,
+               cores: set[int] | None = None) -> list[dict]:
     """The system in its own process (PEFT: in the torch interpreter, bench.quality_torch), writing its records to
     its own file `part` (so that rows running side by side never share a file); returns them. With `reuse`, a row
-    that finished before with exactly this spec (`part`.done holds it) is read back instead of run again."""
+    that finished before with exactly this spec (`part`.done holds it) is read back instead of run again. `cores`:
+    the CPU cores the child may use (None: all)."""
     marker = part + ".done"
     if reuse and os.path.exists(marker):
         with open(marker) as f:
@@ -165,9 +168,12 @@ def _run_child(spec: dict, part: str, torch_python: str | None, reuse: bool = Fa
     else:
         cmd = [sys.executable, "-m", "bench.quality", "--child", json.dumps(spec), "--json-out", part]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    if cores is not None:  # one thread per child (XLA sizes its pool by the affinity mask; torch by OMP_NUM_THREADS)
+        env["OMP_NUM_THREADS"] = str(len(cores))
     open(part, "w").close()
     with open(part + ".log", "w") as log:
-        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
     if done.returncode != 0:
         with open(part + ".log") as log:
             tail = log.read()[-3000:]
@@ -184,13 +190,26 @@ def _run_child(spec: dict, part: str, torch_python: str | None, reuse: bool = Fa
 
 def _run_rows(specs: list[dict], parts_dir: str, torch_python: str | None, jobs: int,
               reuse: bool) -> dict[str, list[dict]]:
-    """Runs every spec (each in its own child process), `jobs` at a time; name -> its records."""
+    """Runs every spec (each in its own child process), `jobs` at a time; name -> its records. With jobs > 1 each
+    child is pinned to its own share of the cores: several multi-threaded XLA processes on the same cores spend
+    their time in each other's spin-waits (2 unpinned jobs on 2 cores trained at 4.5 steps/s each, one alone at 11)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {s["name"]: pool.submit(_run_child, s, os.path.join(parts_dir, f"{s['name']}.jsonl"), torch_python,
-                               reuse)
-                   for s in specs}
+    jobs = max(1, jobs)
+    available = sorted(os.sched_getaffinity(0))
+    shares = queue.Queue()
+    for i in range(jobs):
+        shares.put(None if jobs == 1 else set(available[i::jobs]) or None)
+
+    def run(spec: dict) -> list[dict]:
+        cores = shares.get()
+        try:
+            return _run_child(spec, os.path.join(parts_dir, f"{spec['name']}.jsonl"), torch_python, reuse, cores)
+        finally:
+            shares.put(cores)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {s["name"]: pool.submit(run, s) for s in specs}
         return {name: f.result() for name, f in futures.items()}
 
 
