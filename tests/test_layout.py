@@ -97,16 +97,17 @@ def test_package_import_graph_is_acyclic():
 ALLOWED_IMPORTS = {
     "lora_jax.tree": (),
     "lora_jax.ranges": (),
+    "lora_jax.dropout": (),
     "lora_jax.quantization": ("lora_jax.tree", "lora_jax.ranges"),
     "lora_jax.sharding": ("lora_jax.tree", "lora_jax.ranges"),
-    "lora_jax.lora": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization"),
-    "lora_jax.models": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization"),
-    "lora_jax.data": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.models"),
-    "lora_jax.training": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization", "lora_jax.sharding",
+    "lora_jax.lora": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.dropout", "lora_jax.quantization"),
+    "lora_jax.models": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.dropout", "lora_jax.quantization"),
+    "lora_jax.data": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.dropout", "lora_jax.models"),
+    "lora_jax.training": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.dropout", "lora_jax.quantization", "lora_jax.sharding",
                           "lora_jax.lora", "lora_jax.models"),
-    "lora_jax.generation": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization", "lora_jax.lora",
+    "lora_jax.generation": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.dropout", "lora_jax.quantization", "lora_jax.lora",
                             "lora_jax.models", "lora_jax.training"),
-    "lora_jax.checkpoints": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.quantization", "lora_jax.sharding",
+    "lora_jax.checkpoints": ("lora_jax.tree", "lora_jax.ranges", "lora_jax.dropout", "lora_jax.quantization", "lora_jax.sharding",
                              "lora_jax.lora", "lora_jax.models", "lora_jax.training", "lora_jax.generation"),
 }
 MAX_LOOSE_MODULES = 3

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lora_jax.checkpoints.adapter import base_fingerprint
+from lora_jax.dropout import MASK_SCHEME
 
 # Config keys (a trailing "." covers a whole section) that do not change what is trained: they may differ on resume.
 MAY_DIFFER = (
@@ -89,10 +90,12 @@ def dropout_layout(dropout_rates, batch_shards: int, rng_impl: str) -> dict | No
     The global batch is the same for any processes x devices layout (each process loads its rows, see
     TrainBatches.batches), and with the same number of batch shards the masks are too (2x2 and 1x4 and 4x1 train the
     same run), but a step draws its masks with another PRNG implementation unsharded than sharded, and the sharded
-    one draws them per shard: another device count is another trajectory, so resuming on it is refused."""
+    one draws them per shard: another device count is another trajectory, so resuming on it is refused. The mask
+    scheme (`lora_jax.dropout.MASK_SCHEME`) is part of it too: a checkpoint from code that drew masks otherwise
+    continues on another random stream, which the resume then says."""
     if not any(rate > 0 for rate in dropout_rates):
         return None
-    return {"batch_shards": int(batch_shards), "dropout_rng": rng_impl}
+    return {"batch_shards": int(batch_shards), "dropout_rng": rng_impl, "dropout_masks": MASK_SCHEME}
 
 
 def fingerprint_changes(saved: Mapping | None, current: Mapping) -> dict[str, list]:

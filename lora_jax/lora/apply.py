@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.dropout import apply_dropout
 from lora_jax.lora import dora
 from lora_jax.lora.config import LoraConfig
 from lora_jax.quantization import dequantize
@@ -61,8 +62,7 @@ def scale_tree(params, config: LoraConfig) -> dict:
 
 
 def _adapter_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return apply_dropout(module.make_rng("dropout"), x, rate)
 
 
 def _embed_with_lora(next_fun, args, kwargs, context, config: LoraConfig):

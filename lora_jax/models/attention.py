@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from lora_jax.models.config import BartConfig
+from lora_jax.dropout import Dropout
 from lora_jax.quantization import Dense
 
 Array = jax.Array
@@ -73,7 +74,7 @@ class BartAttention(nn.Module):
             name=name,
         )
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (dense(n) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
-        self.attn_dropout = nn.Dropout(rate=self.config.attention_dropout)
+        self.attn_dropout = Dropout(rate=self.config.attention_dropout)
 
     def _split(self, x: Array) -> Array:  # (B, T, D) -> (B, T, H, Dh)
         return x.reshape(x.shape[:2] + (self.num_heads, -1))

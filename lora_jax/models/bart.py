@@ -28,6 +28,7 @@ import flax.linen as nn
 
 from lora_jax.models.attention import BartAttention, causal_bias, check_attention, padding_bias
 from lora_jax.models.config import BartConfig
+from lora_jax.dropout import Dropout
 from lora_jax.quantization import Dense, Embed
 from lora_jax.models.layer_stack import REMAT_POLICIES, LayerStack, remat_policy  # noqa: F401 (re-exported)
 
@@ -70,8 +71,8 @@ def _setup_self_attention_and_feed_forward(layer: nn.Module, heads: int, ffn_dim
     layer.fc1 = Dense(ffn_dim, dtype=dt, param_dtype=pdt, kernel_init=init)
     layer.fc2 = Dense(c.d_model, dtype=dt, param_dtype=pdt, kernel_init=init)
     layer.final_layer_norm = _layer_norm(dt, pdt, "final_layer_norm")
-    layer.dropout = nn.Dropout(c.dropout)
-    layer.act_dropout = nn.Dropout(c.activation_dropout)
+    layer.dropout = Dropout(c.dropout)
+    layer.act_dropout = Dropout(c.activation_dropout)
 
 
 def _feed_forward(layer: nn.Module, hidden: Array, deterministic: bool) -> Array:
@@ -184,7 +185,7 @@ class _Stack(nn.Module):
         )
         self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, None)
         self.own_embed_tokens = _embedding(c, self.dtype, self.param_dtype, "embed_tokens")
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         layer_cls, num_layers = self.layer_spec()
         self.layers = LayerStack(c, layer_cls, num_layers, self.dtype, self.param_dtype, self.remat, self.scan_layers,
                                  self.attention)

@@ -28,14 +28,20 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from lora_jax.dropout import DROPOUT_MASK
 from lora_jax.models.config import BartConfig
 from lora_jax.tree import merge_trees
 
 # Rematerialisation policies by name: what a layer keeps for the backward pass; the rest is recomputed there.
+_SAVE_MASKS = jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK)
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input: least memory, +1 forward
-    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute softmax/GELU/LayerNorm/dropout
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also recompute attention matmuls
+    # keep matmul outputs and dropout masks (1 byte per element; drawing them again cost more than keeping them),
+    # recompute softmax/GELU/LayerNorm
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _SAVE_MASKS),
+    # also recompute attention matmuls
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_MASKS),
 }
 # Index of `deterministic` in each layer's __call__, counting self (it must be static under remat).
 DETERMINISTIC_ARG = {"BartEncoderLayer": 3, "BartDecoderLayer": 6}
