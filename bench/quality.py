@@ -290,7 +290,7 @@ def main(argv=None) -> None:
     with open(results, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     write_report(records, args.out_dir, command=_command(args, names), wall_s=time.time() - started,
-                 config=args.config, quick=args.quick)
+                 config=args.config, quick=args.quick, jobs=args.jobs)
 
 
 if __name__ == "__main__":

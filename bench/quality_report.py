@@ -124,7 +124,7 @@ def _sweep_lines(rows: list[dict]) -> list[str]:
 
 
 def write_report(records: list[dict], out_dir: str, *, command: str, wall_s: float, config: str,
-                 quick: bool = False, baselines: dict | None = None) -> str:
+                 quick: bool = False, baselines: dict | None = None, jobs: int = 1) -> str:
     """Writes QUALITY.md and the plot into out_dir; returns the markdown. baselines: bench.quality_rouge's
     baseline_table (computed here from the config's data when None; quick: rules only, on 32 rows)."""
     from train.config import load_config
@@ -149,8 +149,9 @@ def write_report(records: list[dict], out_dir: str, *, command: str, wall_s: flo
         "ROUGE-L from a sweep extended past any edge pick (`(edge)` marks a row whose best rate is still an end of its "
         "sweep). Scores: test ROUGE F-measure x 100, beam search as the config; for rows with several seeds, the mean "
         "over seeds. Brackets: 95% bootstrap interval of that mean over test examples (rouge-score's "
-        "BootstrapAggregator, 1000 resamples). Wall time: the whole run (load, train, validation ROUGE), mean over seeds; "
-        "peak memory: the row's process RSS.",
+        "BootstrapAggregator, 1000 resamples). Wall time: the whole run (load, train, validation ROUGE), mean over seeds"
+        + (f", with {jobs} rows training side by side, each pinned to its own share of the cores" if jobs > 1 else "")
+        + "; peak memory: the row's process RSS.",
         "",
         *_data_lines(data_dir),
         "",
