@@ -54,7 +54,8 @@ def variant_code(name: str):
 
 
 def build_step(spec: BenchSpec, name: str, model, params, batch, rng):
-    """(a zero-argument function running one step to completion, XLA's temporary bytes of the compiled step)."""
+    """(a zero-argument function running one step to completion and returning its loss, XLA's temporary bytes of the
+    compiled step)."""
     remat = None if name == "no_remat" else spec.remat
     model = model.clone(remat=remat, scan_layers=spec.scan_layers)
     lora = lora_config(spec)
@@ -72,9 +73,10 @@ def build_step(spec: BenchSpec, name: str, model, params, batch, rng):
     temp = getattr(memory, "temp_size_in_bytes", None)
     holder = {"state": state}
 
-    def run():
+    def run() -> jax.Array:
         holder["state"], metrics = compiled(holder["state"], batch, rng)
         jax.block_until_ready((holder["state"].trainable, metrics["loss"]))
+        return metrics["loss"]
 
     return run, temp
 

@@ -226,3 +226,27 @@ def test_decode_floor_and_non_matmul_share_from_records():
     result = {t["target"]: t for t in summary(records)["targets"]}["beam search decode step / its memory-bandwidth floor"]
     assert result["status"] == "missed" and result["value"] == pytest.approx(1.5)
     assert non_matmul_share(records, "jax_lora") == pytest.approx(1 - 8.0 / 10.0)  # 8 GFLOP/s of a 10 GFLOP/s matmul
+
+
+def test_step_variants_run_each_change_on_the_tiny_model(capsys):
+    """bench.step_variants: every variant compiles and runs; the patched variants really draw other masks (their first
+    steps give other losses than the library's), and dropout off gives the deterministic loss."""
+    import jax
+
+    from bench import step_variants
+
+    spec = BenchSpec(model="tiny", batch=2, source_len=8, target_len=4)
+    model, base = step_variants.build_model(spec)
+    params = step_variants.lora_jax.init_lora(base, step_variants.lora_config(spec), jax.random.PRNGKey(1))
+    batch, rng = step_variants.device_batch(spec), jax.random.PRNGKey(2)
+    losses = {}
+    for name in step_variants.VARIANTS:
+        run, _ = step_variants.build_step(spec, name, model, params, batch, rng)
+        losses[name] = float(run())
+    assert len(set(losses.values())) >= 3, losses  # bernoulli vs halfword masks vs no dropout
+    assert losses["halfword_redrawn"] == pytest.approx(losses["halfword_kept"], abs=1e-6)  # same masks, kept or redrawn
+    assert losses["no_remat"] == pytest.approx(losses["halfword_kept"], abs=1e-6)
+    step_variants.main(["--model", "tiny", "--batch", "2", "--source-len", "8", "--target-len", "4", "--repeats", "1",
+                        "--variants", "halfword_kept", "no_dropout"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["variant"] for line in lines[:2]] == ["halfword_kept", "no_dropout"]
