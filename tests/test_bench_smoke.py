@@ -250,3 +250,15 @@ def test_step_variants_run_each_change_on_the_tiny_model(capsys):
                         "--variants", "halfword_kept", "no_dropout"])
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["variant"] for line in lines[:2]] == ["halfword_kept", "no_dropout"]
+
+
+def test_decode_profile_attributes_the_call_to_operations(capsys):
+    """bench.decode_profile on the tiny model: shares sum to 1, the LM head matmul is found with its bytes."""
+    from bench import decode_profile
+
+    decode_profile.main(["--model", "tiny", "--batch", "2", "--source-len", "8", "--target-len", "4", "--top", "5"])
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert sum(record["categories"].values()) == pytest.approx(1.0)
+    assert "matmul (YNNPACK)" in record["categories"] or "matmul (XLA)" in record["categories"]
+    assert all(t["calls"] >= 1 and t["ms"] > 0 for t in record["top"])
+    assert any(t["bytes_per_call"] for t in record["top"] if t["category"].startswith("matmul"))
