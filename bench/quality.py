@@ -22,7 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
-import queue
+import threading
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,9 @@ PISSA_LRS = (1e-4, 3e-4, 1e-3)  # PiSSA trains W's principal part: it wants smal
 # Variants at the best plain-LoRA rank and targets (chosen on validation): extra run-config overrides and start sweep.
 VARIANTS = {"dora": (["lora.use_dora=true"], LORA_LRS), "pissa": (["lora.init=pissa"], PISSA_LRS)}
 MAIN_SYSTEMS = ("full", "lora_r8_qv", "lora_r16_all", "peft")  # 3 seeds each
+# PEFT trains configs/synopsis.yaml's row (r=16 on every linear layer) at that row's chosen rate, so it can start as
+# soon as that row is done, beside the other LoRA rows.
+PEFT_MIRROR = "lora_r16_all"
 SEEDS = (0, 1, 2)
 # Full mode scores every validation row (the sweep's choice) and every test row (the table).
 FULL_EVAL = ["eval.max_examples=null", "data.max_eval_examples=null"]
@@ -70,6 +73,33 @@ def at_best_rank(spec: dict, records: list[dict]) -> dict:
     if spec["mode"] == "peft":
         out["lrs"] = [best["learning_rate"]]
     return out
+
+
+def mirroring(spec: dict, records: list[dict], row: str) -> dict:
+    """The PEFT spec with the rank, targets and chosen learning rate of lora_jax row `row` (seed 0), so both sides
+    train the same recipe."""
+    chosen = [r for r in records if r["system"] == row and r["chosen"] and r["seed"] == 0]
+    if not chosen:
+        raise SystemExit(f"{spec['name']} mirrors {row}: run {row} before it")
+    return {**spec, "rank": chosen[0]["rank"], "targets": chosen[0]["targets"], "lrs": [chosen[0]["learning_rate"]],
+            "best_lora": row}
+
+
+def dependencies(name: str, names: list[str]) -> list[str]:
+    """The rows `name` needs finished first: PEFT its mirror row (PEFT_MIRROR, else every LoRA row: it then takes
+    the best), DoRA and PiSSA every plain LoRA row (they run at the best rank)."""
+    lora = [n for n in names if n.startswith("lora_")]
+    if name == "peft":
+        return [PEFT_MIRROR] if PEFT_MIRROR in names else lora
+    return lora if name in VARIANTS else []
+
+
+def spec_at_run_time(spec: dict, records: list[dict], names: list[str]) -> dict:
+    if spec["name"] == "peft" and PEFT_MIRROR in names:
+        return mirroring(spec, records, PEFT_MIRROR)
+    if spec["name"] == "peft" or spec["name"] in VARIANTS:
+        return at_best_rank(spec, records)
+    return spec
 
 
 def overrides(spec: dict, lr: float, seed: int, out_dir: str) -> list[str]:
@@ -190,27 +220,50 @@ def _run_child(spec: dict, part: str, torch_python: str | None, reuse: bool = Fa
 
 def _run_rows(specs: list[dict], parts_dir: str, torch_python: str | None, jobs: int,
               reuse: bool) -> dict[str, list[dict]]:
-    """Runs every spec (each in its own child process), `jobs` at a time; name -> its records. With jobs > 1 each
-    child is pinned to its own share of the cores: several multi-threaded XLA processes on the same cores spend
-    their time in each other's spin-waits (2 unpinned jobs on 2 cores trained at 4.5 steps/s each, one alone at 11)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Runs every spec (each in its own child process), `jobs` at a time, in the given order except that a row waits
+    for its `dependencies` (its rank, targets or rate are then read from their records); name -> its records.
+    With jobs > 1 each child is pinned to its own share of the cores: several multi-threaded XLA processes on the
+    same cores spend their time in each other's spin-waits (2 unpinned jobs on 2 cores trained at 4.5 steps/s each,
+    one alone at 11)."""
     jobs = max(1, jobs)
     available = sorted(os.sched_getaffinity(0))
-    shares = queue.Queue()
-    for i in range(jobs):
-        shares.put(None if jobs == 1 else set(available[i::jobs]) or None)
+    names = [s["name"] for s in specs]
+    pending, done, failures = list(specs), {}, []
+    ready = threading.Condition()
 
-    def run(spec: dict) -> list[dict]:
-        cores = shares.get()
-        try:
-            return _run_child(spec, os.path.join(parts_dir, f"{spec['name']}.jsonl"), torch_python, reuse, cores)
-        finally:
-            shares.put(cores)
+    def next_spec() -> dict | None:
+        with ready:
+            while pending and not failures:
+                for spec in pending:
+                    if all(d in done for d in dependencies(spec["name"], names)):
+                        pending.remove(spec)
+                        records = [r for n in names if n in done for r in done[n]]
+                        return spec_at_run_time(spec, records, names)
+                ready.wait()
+            return None
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {s["name"]: pool.submit(run, s) for s in specs}
-        return {name: f.result() for name, f in futures.items()}
+    def lane(cores: set[int] | None) -> None:
+        while (spec := next_spec()) is not None:
+            try:
+                records = _run_child(spec, os.path.join(parts_dir, f"{spec['name']}.jsonl"), torch_python, reuse, cores)
+            except BaseException as error:  # the other lanes finish their row and stop
+                with ready:
+                    failures.append(error)
+                    ready.notify_all()
+                return
+            with ready:
+                done[spec["name"]] = records
+                ready.notify_all()
+
+    lanes = [threading.Thread(target=lane, args=(None if jobs == 1 else set(available[i::jobs]) or None,))
+             for i in range(jobs)]
+    for t in lanes:
+        t.start()
+    for t in lanes:
+        t.join()
+    if failures:
+        raise failures[0]
+    return done
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -278,14 +331,10 @@ def main(argv=None) -> None:
             spec.update(lrs=QUICK["lrs"], max_extensions=QUICK["max_extensions"], sets=quick_sets)
         return spec
 
-    # Fixed rows first (main rows, with their 3 seeds, start first), so that the variants and PEFT can take the best
-    # LoRA rank from their records.
-    fixed = sorted((n for n in names if table[n]["rank"] is not None or n == "full"),
-                   key=lambda n: (n not in MAIN_SYSTEMS, list(table).index(n)))
-    done = _run_rows([spec_of(n) for n in fixed], parts_dir, args.torch_python, args.jobs, args.reuse)
-    fixed_records = [r for n in fixed for r in done[n]]
-    later = [at_best_rank(spec_of(n), fixed_records) for n in names if n not in fixed]
-    done.update(_run_rows(later, parts_dir, args.torch_python, args.jobs, args.reuse))
+    # Main rows (with their 3 seeds) first, then the other LoRA rows; PEFT, DoRA and PiSSA wait for the rows they
+    # take their rank and rate from.
+    order = sorted(names, key=lambda n: (n in VARIANTS or n == "peft", n not in MAIN_SYSTEMS, list(table).index(n)))
+    done = _run_rows([spec_of(n) for n in order], parts_dir, args.torch_python, args.jobs, args.reuse)
     records = [r for n in sorted(done, key=list(table).index) for r in done[n]]
     with open(results, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
