@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bench.quality import at_best_rank, main, systems
+from bench.quality import at_best_rank, dependencies, main, mirroring, spec_at_run_time, systems
 from bench.quality_report import summarize, write_report
 from bench.quality_findings import findings
 from bench.quality_sweep import GRID, sweep
@@ -53,6 +53,18 @@ def test_variants_and_peft_take_the_best_validation_rank():
     assert at_best_rank({**systems()["dora"], "name": "dora"}, RECORDS)["lrs"] == systems()["dora"]["lrs"]
     with pytest.raises(SystemExit, match="best LoRA rank"):
         at_best_rank({**systems()["dora"], "name": "dora"}, RECORDS[:4])
+
+
+def test_peft_mirrors_the_config_row_and_variants_wait_for_every_lora_row():
+    names = ["full", "lora_r1_qv", "lora_r2_qv", "lora_r16_all", "peft", "dora"]
+    assert dependencies("peft", names) == ["lora_r16_all"] and dependencies("full", names) == []
+    assert dependencies("dora", names) == ["lora_r1_qv", "lora_r2_qv", "lora_r16_all"]
+    assert dependencies("peft", ["lora_r1_qv", "peft"]) == ["lora_r1_qv"]  # no config row: it waits for the best
+    spec = spec_at_run_time({**systems()["peft"], "name": "peft"}, RECORDS, names)
+    assert (spec["rank"], spec["targets"], spec["lrs"], spec["best_lora"]) == (16, ALL, [1e-2], "lora_r16_all")
+    assert spec_at_run_time({**systems()["peft"], "name": "peft"}, RECORDS, ["lora_r2_qv", "peft"])["rank"] == 2
+    with pytest.raises(SystemExit, match="run lora_r16_all before it"):
+        mirroring({**systems()["peft"], "name": "peft"}, RECORDS[:4], "lora_r16_all")
 
 
 def test_sweep_extends_past_an_edge_until_the_best_rate_is_interior():
