@@ -1,10 +1,12 @@
 """The LoRA paper's quality table in miniature, on the synopsis task (configs/synopsis.yaml: write a Debian package's
 synopsis from its description): full fine-tuning, LoRA at ranks 1-16 on q,v and on every linear layer, DoRA and PiSSA
-at the best LoRA rank, and (when a torch interpreter is given) PEFT LoRA trained side by side at that rank. Same step
+at the best LoRA rank, and (when a torch interpreter is given) PEFT LoRA trained side by side with lora_jax's
+configs/synopsis.yaml row (r=16 on every linear layer, at that row's chosen rate). Same step
 budget for every run; each row's learning rate is chosen on validation ROUGE-L from a sweep that extends itself past
 an edge pick (bench.quality_sweep); test ROUGE-1/2/L with 95% bootstrap intervals; 3 seeds for the main rows.
-Writes QUALITY.md, quality_rouge_vs_params.png and quality.jsonl. Not part of CI: about 50 runs of 1000 steps, each
-with beam search on 3,500 rows, so several hours on 2 CPU cores (an estimate; not yet run whole).
+Writes QUALITY.md, quality_rouge_vs_params.png and quality.jsonl. Not part of CI: about 60 runs, each with beam search
+on the validation rows (and the test rows for the chosen rate). `--steps 500 --jobs 2` took 89 minutes on 2 CPU cores
+(2026-12-04); at the config's 1000 steps expect about three hours.
 
     python -m bench.quality                                    # everything (QUALITY.md); PEFT row if torch is here
     python -m bench.quality --torch-python /path/to/venv/bin/python   # PEFT row from another venv
