@@ -5,8 +5,9 @@ matmul's achieved GB/s can be set against the machine's read bandwidth (bench.ru
 
     python -m bench.decode_profile [--model base --batch 4 --source-len 256 --target-len 64 --top 25]
 
-Prints one JSON object (categories and the top operations) and a markdown table. Times are summed over the CPU's
-worker threads, so on a machine with other work running they include waiting; the shares are what to read.
+Prints one JSON object (categories and the top operations) and a markdown table. An operation's time is the wall time
+its spans cover (the union over XLA's worker threads), so its GB/s compares with the measured read bandwidth; on a
+machine with other work running it includes waiting, and the shares are what to read.
 """
 
 from __future__ import annotations
@@ -51,19 +52,28 @@ def operand_bytes(hlo_text: str) -> dict[str, int]:
     return {name: results[name] + sum(results.get(o, 0) for o in ops) for name, ops in operands.items()}
 
 
-def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
-    """(nanoseconds, calls) per operation name over every XLA worker thread of the trace."""
+def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+    """(wall nanoseconds, thread nanoseconds, calls) per operation name over every XLA worker thread of the trace.
+    Wall time is the union of the operation's spans across threads (a matmul split over 2 threads for 4 ms is 4 ms
+    of wall time, 8 ms of thread time): what its GB/s is computed from."""
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    times, calls = collections.Counter(), collections.Counter()
+    spans, thread, calls = collections.defaultdict(list), collections.Counter(), collections.Counter()
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         for line in plane.lines:
             if "XLA" not in line.name:
                 continue
             for event in line.events:
                 if not event.name.startswith(SKIP):
-                    times[event.name] += event.duration_ns
+                    spans[event.name].append((event.start_ns, event.end_ns))
+                    thread[event.name] += event.duration_ns
                     calls[event.name] += 1
-    return times, calls
+    wall = collections.Counter()
+    for name, intervals in spans.items():
+        end = -1.0
+        for start, stop in sorted(intervals):
+            wall[name] += max(0.0, stop - max(start, end))
+            end = max(end, stop)
+    return wall, thread, calls
 
 
 def category(name: str) -> str:
@@ -92,7 +102,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             run()
-        times, calls = op_times(trace_dir)
+        times, _, calls = op_times(trace_dir)
     total = sum(times.values())
     by_category = collections.Counter()
     for name, ns in times.items():
