@@ -143,6 +143,20 @@ class BenchSpec:
 # ---------------------------------------------------------------- weights and batch (numpy, seeded, shared)
 
 
+def add_shape_arguments(parser) -> None:
+    """--model, --batch, --source-len, --target-len with bench.run's reference setting as defaults (bart-base size,
+    batch 4, 256/64 tokens), for the single-purpose benchmarks that measure one piece of it."""
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--source-len", type=int, default=256)
+    parser.add_argument("--target-len", type=int, default=64)
+
+
+def shape_spec(args) -> "BenchSpec":
+    """The BenchSpec of `add_shape_arguments`' parsed values (every other field at its default)."""
+    return BenchSpec(model=args.model, batch=args.batch, source_len=args.source_len, target_len=args.target_len)
+
+
 def leaf_values(path: tuple[str, ...], shape: tuple[int, ...], seed: int, init_std: float = 0.02) -> np.ndarray:
     """The float32 values of the parameter at Flax `path` (Flax layout: kernels (in, out)). They depend only on
     (seed, path, shape), so JAX and PyTorch, each enumerating its own parameters in its own order, get the same

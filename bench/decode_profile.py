@@ -1,5 +1,6 @@
 """Where a beam-search call's time goes, by XLA operation: one `jax.profiler` trace of `generate_padded` (bench.run's
-jax_generate setting: bart-base size, random weights, batch 4, 4 beams, 256 source tokens, 64 new tokens), summed
+jax_generate setting: bart-base size, random weights, batch 4, 4 beams, 256 source tokens, 64 new tokens; the
+jitted decoding loop `generate_padded` calls), summed
 per operation over the call, with each operation's share and the bytes of its operands (from the compiled HLO), so a
 matmul's achieved GB/s can be set against the machine's read bandwidth (bench.run's matmul row).
 
@@ -24,9 +25,8 @@ import tempfile
 import jax
 import numpy as np
 
-from bench.common import BenchSpec
+from bench.common import add_shape_arguments, shape_spec
 from bench.jax_bench import build_model, device_batch, generation_config
-from lora_jax.generation import generate_padded
 from lora_jax.generation.api import resolve_config
 from lora_jax.generation.search import decode_jit
 
@@ -52,12 +52,12 @@ def operand_bytes(hlo_text: str) -> dict[str, int]:
     return {name: results[name] + sum(results.get(o, 0) for o in ops) for name, ops in operands.items()}
 
 
-def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
-    """(wall nanoseconds, thread nanoseconds, calls) per operation name over every XLA worker thread of the trace.
-    Wall time is the union of the operation's spans across threads (a matmul split over 2 threads for 4 ms is 4 ms
-    of wall time, 8 ms of thread time): what its GB/s is computed from."""
+def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
+    """(wall nanoseconds, calls) per operation name over every XLA worker thread of the trace. Wall time is the union
+    of the operation's spans across threads (a matmul split over 2 threads for 4 ms is 4 ms, not 8): what its GB/s
+    is computed from."""
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    spans, thread, calls = collections.defaultdict(list), collections.Counter(), collections.Counter()
+    spans, calls = collections.defaultdict(list), collections.Counter()
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         for line in plane.lines:
             if "XLA" not in line.name:
@@ -65,7 +65,6 @@ def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, 
             for event in line.events:
                 if not event.name.startswith(SKIP):
                     spans[event.name].append((event.start_ns, event.end_ns))
-                    thread[event.name] += event.duration_ns
                     calls[event.name] += 1
     wall = collections.Counter()
     for name, intervals in spans.items():
@@ -73,7 +72,7 @@ def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, 
         for start, stop in sorted(intervals):
             wall[name] += max(0.0, stop - max(start, end))
             end = max(end, stop)
-    return wall, thread, calls
+    return wall, calls
 
 
 def category(name: str) -> str:
@@ -84,25 +83,22 @@ def category(name: str) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="base")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--source-len", type=int, default=256)
-    ap.add_argument("--target-len", type=int, default=64)
+    add_shape_arguments(ap)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    spec = BenchSpec(model=args.model, batch=args.batch, source_len=args.source_len, target_len=args.target_len)
+    spec = shape_spec(args)
     model, params = build_model(spec)
-    batch, cfg = device_batch(spec), generation_config(spec)
-    run = lambda: np.asarray(generate_padded(model, params, batch["input_ids"], batch["attention_mask"],
-                                             generation_config=cfg))
-    run()  # compile
-    resolved = resolve_config(model, cfg)  # the settings generate_padded compiles with: the same program's names
-    hlo = decode_jit.lower(model, resolved, params, batch["input_ids"], batch["attention_mask"]).compile().as_text()
-    sizes = operand_bytes(hlo)
+    batch = device_batch(spec)
+    cfg = resolve_config(model, generation_config(spec))  # the settings generate_padded would compile with
+    # One compilation: the program whose HLO names the operations is the one that runs under the profiler.
+    compiled = decode_jit.lower(model, cfg, params, batch["input_ids"], batch["attention_mask"]).compile()
+    run = lambda: jax.block_until_ready(compiled(params, batch["input_ids"], batch["attention_mask"]))
+    run()  # first-call allocations out of the trace
+    sizes = operand_bytes(compiled.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             run()
-        times, _, calls = op_times(trace_dir)
+        times, calls = op_times(trace_dir)
     total = sum(times.values())
     by_category = collections.Counter()
     for name, ns in times.items():

@@ -19,25 +19,17 @@ import jax.numpy as jnp
 
 import lora_jax
 from lora_jax.quantization import QuantSpec, quantize_base, storage_bytes
-from lora_jax.tree import flatten_tree, unflatten_tree
+from lora_jax.lora.transform import split_trainable
 from train.build import build
 from train.config import load_config
 from train.evaluate import score
 
-ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 BASES = {
     "float32": lambda base: base,
     "bfloat16": lambda base: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), base),
     "int8 kernels": lambda base: quantize_base(base, QuantSpec("int8")),
     "int8 kernels + embeddings": lambda base: quantize_base(base, QuantSpec("int8", embeddings=True)),
 }
-
-
-def split_adapter(params) -> tuple[dict, dict]:
-    """(base leaves, adapter leaves) of a tree holding both."""
-    flat = flatten_tree(params)
-    adapter = {p: v for p, v in flat.items() if p[-1] in ADAPTER_LEAVES}
-    return unflatten_tree({p: v for p, v in flat.items() if p not in adapter}), unflatten_tree(adapter)
 
 
 def main(argv=None) -> None:
@@ -49,7 +41,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     run = build(cfg, for_training=False, adapter_dir=args.adapter)
-    base, adapter = split_adapter(run.params)
+    adapter, base = split_trainable(run.params, run.lora_config)  # modules_to_save stay with the adapter, unquantised
     rows = []
     for name, lighten in BASES.items():
         light = lighten(base)

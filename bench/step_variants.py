@@ -30,7 +30,7 @@ import optax
 
 import lora_jax
 import lora_jax.dropout as dropout_module
-from bench.common import BenchSpec, interleaved_median_times
+from bench.common import BenchSpec, add_shape_arguments, interleaved_median_times, shape_spec
 from bench.jax_bench import build_model, device_batch, lora_config
 from lora_jax.models import layer_stack
 
@@ -59,14 +59,13 @@ def build_step(spec: BenchSpec, name: str, model, params, batch, rng):
     remat = None if name == "no_remat" else spec.remat
     model = model.clone(remat=remat, scan_layers=spec.scan_layers)
     lora = lora_config(spec)
-    tx = lora_jax.lora_optimizer(optax.adamw(spec.learning_rate, weight_decay=0.0), lora)
-    state = lora_jax.create_train_state(params, lora, tx, stack_layers=spec.scan_layers)
-    step = lora_jax.make_train_step(model, lora, jit=False)
     if name == "no_dropout":  # the same step with every rate at 0 (attention, activation, residual and adapter)
         off = dataclasses.replace(model.config, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
         model = model.clone(config=off)
         lora = dataclasses.replace(lora, dropout=0.0)
-        step = lora_jax.make_train_step(model, lora, jit=False)
+    tx = lora_jax.lora_optimizer(optax.adamw(spec.learning_rate, weight_decay=0.0), lora)
+    state = lora_jax.create_train_state(params, lora, tx, stack_layers=spec.scan_layers)
+    step = lora_jax.make_train_step(model, lora, jit=False)
     with variant_code(name):
         compiled = jax.jit(step).lower(state, batch, rng).compile()
     memory = compiled.memory_analysis()
@@ -83,14 +82,11 @@ def build_step(spec: BenchSpec, name: str, model, params, batch, rng):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="base")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--source-len", type=int, default=256)
-    ap.add_argument("--target-len", type=int, default=64)
+    add_shape_arguments(ap)
     ap.add_argument("--repeats", type=int, default=7, help="timed steps per variant (round-robin, median reported)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args(argv)
-    spec = BenchSpec(model=args.model, batch=args.batch, source_len=args.source_len, target_len=args.target_len)
+    spec = shape_spec(args)
     model, base = build_model(spec)
     params = lora_jax.init_lora(base, lora_config(spec), jax.random.PRNGKey(spec.seed + 1))
     batch, rng = device_batch(spec), jax.random.PRNGKey(spec.seed + 2)
